@@ -1,0 +1,39 @@
+"""Array-namespace plumbing: the only module that imports array_api_compat."""
+
+from __future__ import annotations
+
+import sys
+
+import array_api_compat
+import numpy as np
+
+__all__ = ["device_of", "is_cupy_array", "namespace", "to_numpy"]
+
+
+def namespace(*arrays):
+    """Array namespace shared by ``arrays`` (``None`` entries are ignored)."""
+    present = [a for a in arrays if a is not None]
+    if not present:
+        msg = "no array given: at least one array argument is needed to pick a namespace"
+        raise TypeError(msg)
+    return array_api_compat.array_namespace(*present)
+
+
+def device_of(x):
+    """Device of ``x`` in its namespace's own terms."""
+    return array_api_compat.device(x)
+
+
+def is_cupy_array(x) -> bool:
+    """True when ``x`` is a CuPy array, without importing CuPy to find out."""
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+def to_numpy(x) -> np.ndarray:
+    """Host (NumPy) copy of ``x``, from any namespace or device."""
+    if isinstance(x, np.ndarray):
+        return x
+    if is_cupy_array(x):
+        return x.get()
+    return np.asarray(array_api_compat.to_device(x, "cpu"))

@@ -1,0 +1,180 @@
+"""SimulatedWorld: K ranks as K threads of one process, deterministic sums."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+__all__ = ["PeerAborted", "RankError", "SimulatedWorld"]
+
+_TIMEOUT_S = 120.0
+
+
+class RankError(RuntimeError):
+    """Raised by :meth:`SimulatedWorld.run` when a simulated rank raised.
+
+    ``errors`` maps each failing rank to its exception; the first failing
+    rank's exception is also the ``__cause__``.
+    """
+
+    def __init__(self, errors: dict[int, BaseException]):
+        self.errors = dict(sorted(errors.items()))
+        lines = [f"rank {r}: {type(e).__name__}: {e}" for r, e in self.errors.items()]
+        super().__init__("simulated ranks raised:\n  " + "\n  ".join(lines))
+
+
+class PeerAborted(RuntimeError):
+    """Raised in a simulated rank waiting in a collective when another rank failed."""
+
+
+class _World:
+    """State of one run: one condition variable, and whether a rank has failed."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.failed = False
+
+    def abort(self):
+        with self.cond:
+            self.failed = True
+            self.cond.notify_all()
+
+
+class _Group:
+    """State shared by the member ranks of one simulated communicator."""
+
+    def __init__(self, size: int, world: _World):
+        self.size = size
+        self.world = world
+        self.rounds: dict[int, dict] = {}
+        self.next_round = [0] * size
+
+    def exchange(self, rank: int, item) -> list:
+        """Every member posts ``item``; all get the list of items in rank order.
+
+        Rounds are numbered per rank, so a rank that finished a round is never
+        disturbed by a failure that happens afterwards.
+        """
+        world = self.world
+        with world.cond:
+            k = self.next_round[rank]
+            self.next_round[rank] += 1
+            entry = self.rounds.setdefault(k, {"items": [None] * self.size, "arrived": 0,
+                                               "read": 0})
+            entry["items"][rank] = item
+            entry["arrived"] += 1
+            world.cond.notify_all()
+            deadline = time.monotonic() + _TIMEOUT_S
+            while entry["arrived"] < self.size:
+                if world.failed:
+                    msg = f"rank {rank} left a collective because another rank raised"
+                    raise PeerAborted(msg)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    world.failed = True
+                    world.cond.notify_all()
+                    msg = (f"rank {rank} waited {_TIMEOUT_S:.0f} s in a collective that "
+                           f"{self.size - entry['arrived']} rank(s) never joined")
+                    raise TimeoutError(msg)
+                world.cond.wait(left)
+            entry["read"] += 1
+            if entry["read"] == self.size:
+                del self.rounds[k]
+            return list(entry["items"])
+
+
+class _SimComm:
+    """One rank's handle on a simulated communicator (implements Communicator)."""
+
+    def __init__(self, group: _Group, rank: int):
+        self._group = group
+        self.rank = rank
+        self.size = group.size
+
+    def allreduce_sum(self, buf, /, *, xp):
+        bufs = self._group.exchange(self.rank, buf)
+        if any(b.shape != buf.shape for b in bufs):
+            shapes = ", ".join(f"rank {r}: {tuple(b.shape)}" for r, b in enumerate(bufs))
+            msg = f"SimulatedWorld.allreduce_sum: buffers differ in shape ({shapes})"
+            raise ValueError(msg)
+        total = bufs[0]
+        for b in bufs[1:]:
+            total = total + b
+        return total
+
+    def split(self, color, key):
+        entries = self._group.exchange(self.rank, (color, key, self.rank))
+        if self.rank == 0:
+            children = {}
+            for c in sorted({e[0] for e in entries if e[0] is not None}):
+                members = sorted((k, r) for col, k, r in entries if col == c)
+                group = _Group(len(members), self._group.world)
+                children[c] = (group, {r: i for i, (_, r) in enumerate(members)})
+            self._group.exchange(self.rank, children)
+        else:
+            children = self._group.exchange(self.rank, None)[0]
+        if color is None:
+            return None
+        group, new_rank = children[color]
+        return _SimComm(group, new_rank[self.rank])
+
+    def __repr__(self):
+        return f"<SimulatedWorld comm rank {self.rank} of {self.size}>"
+
+
+class SimulatedWorld:
+    """``size`` ranks run as threads; all-reduce sums buffers in rank order.
+
+    Every rank sees bitwise-identical reduction results (one summation order).
+    If any rank raises, ranks waiting in a collective raise
+    :class:`PeerAborted` so no rank stays blocked, and :meth:`run` raises :class:`RankError` listing every
+    rank's exception. A rank that never joins a collective fails the others
+    after a timeout instead of hanging.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> world = SimulatedWorld(3)
+    >>> world.run(lambda comm, v: comm.allreduce_sum(np.array([v]), xp=np), [1.0, 2.0, 4.0])
+    [array([7.]), array([7.]), array([7.])]
+    """
+
+    def __init__(self, size: int):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            msg = f"size is {size!r}; expected an int >= 1"
+            raise ValueError(msg)
+        self.size = size
+
+    def run(self, fn, shards=None) -> list:
+        """Call ``fn(comm, shards[r])`` (or ``fn(comm)``) on every rank; results by rank."""
+        if shards is not None and len(shards) != self.size:
+            msg = f"shards has {len(shards)} entries; expected one per rank ({self.size})"
+            raise ValueError(msg)
+        world = _World()
+        top = _Group(self.size, world)
+        results: list = [None] * self.size
+        errors: dict[int, BaseException] = {}
+
+        def body(rank):
+            comm = _SimComm(top, rank)
+            try:
+                results[rank] = fn(comm) if shards is None else fn(comm, shards[rank])
+            except BaseException as exc:  # noqa: BLE001 - reported by run()
+                errors[rank] = exc
+                world.abort()
+
+        threads = [threading.Thread(target=body, args=(r,), daemon=True)
+                   for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            original = {r: e for r, e in errors.items()
+                        if not isinstance(e, PeerAborted)}
+            first = min(original or errors)
+            raise RankError(errors) from errors[first]
+        return results
+
+    def __repr__(self):
+        return f"SimulatedWorld({self.size})"
