@@ -3,13 +3,17 @@
 from ._protocol import Communicator
 from .groups import group_comm, validate_process_groups
 from .local import LocalComm
+from .mpi import MPIComm, default_comm, launched_by_mpiexec
 from .simulated import RankError, SimulatedWorld
 
 __all__ = [
     "Communicator",
     "LocalComm",
+    "MPIComm",
     "RankError",
     "SimulatedWorld",
+    "default_comm",
     "group_comm",
+    "launched_by_mpiexec",
     "validate_process_groups",
 ]
