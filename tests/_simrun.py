@@ -1,0 +1,35 @@
+"""Run a :class:`refsyncbn.cases.Case` through the functional core in a SimulatedWorld."""
+
+from __future__ import annotations
+
+from refsyncbn import SimulatedWorld, backward, forward
+from refsyncbn.comm import group_comm
+
+
+def run_rank(comm, case, rank, *, variance="sumsq", param_grads=None, **overrides):
+    """One world rank's forward (and backward with ``case.dy``) as a dict of outputs.
+
+    ``comm`` is the world communicator; the rank's group communicator is split
+    from it. ``overrides`` replace forward arguments (e.g. ``convention=``).
+    """
+    sub = group_comm(comm, case.groups)
+    shard = case.shard(rank)
+    kwargs = dict(running_mean=case.running_mean, running_var=case.running_var,
+                  training=case.training, eps=case.eps, momentum=case.momentum,
+                  data_format=case.data_format, convention=case.convention,
+                  variance=variance, mask=shard.get("mask"), comm=sub)
+    kwargs.update(overrides)
+    res = forward(shard["x"], case.weight, case.bias, **kwargs)
+    out = {"y": res.y, "mean": res.saved.mean, "var": res.saved.var,
+           "running_mean": res.running_mean, "running_var": res.running_var}
+    if case.dy is not None:
+        g = backward(shard["dy"], res.saved, param_grads=param_grads)
+        out.update(dx=g.dx, dweight=g.dweight, dbias=g.dbias)
+    return out
+
+
+def run_case(case, **kwargs):
+    """Every world rank's outputs (see :func:`run_rank`), in rank order."""
+    world = SimulatedWorld(case.world_size)
+    return world.run(lambda comm, r: run_rank(comm, case, r, **kwargs),
+                     list(range(case.world_size)))
