@@ -1,0 +1,291 @@
+"""``refsyncbn selfcheck``: random cases on every rank vs the float64 oracle, with a report.
+
+Run it under an MPI launcher (``mpiexec -n 4 python -m mpi4py -m refsyncbn
+selfcheck``), or in one process with ``--world W`` (W ranks as threads). Every
+rank builds the same seeded cases: uneven local batches with an empty rank
+(where the group allows), random ragged and non-contiguous process groups
+(where the world allows), every data format and convention, float32 and
+float64, masks, eval mode. Every rank runs each case with
+:func:`refsyncbn.runner.run_rank`, compares its outputs with
+:func:`refsyncbn.testing.expected_outputs` (float64, computed on the
+concatenated global batch) and counts the collectives it joined; the verdicts
+are all-reduced, so every rank exits with the same status, and rank 0 prints
+the report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from .cases import RESULT_KEYS, Case
+from .comm import SimulatedWorld, default_comm, launched_by_mpiexec
+from .conventions import CONVENTIONS
+from .layouts import DATA_FORMATS, get_layout
+from .runner import run_rank
+from .testing.oracle import expected_outputs
+
+__all__ = ["TOLERANCE", "add_arguments", "build_cases", "case_error", "main"]
+
+#: Accepted scaled error per output dtype, for perfectly conditioned data; the
+#: float64 one is also the allowance per unit of the condition number (see
+#: :func:`case_error`).
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+_DTYPES = ("float64", "float32")
+_FIELDS = 5  # per case and rank: err/tol, worst output, int all-reduces, float all-reduces, s
+
+
+def build_cases(world_size: int, n_cases: int, seed: int) -> list[Case]:
+    """``n_cases`` random cases for ``world_size`` ranks, the same for every caller.
+
+    Case ``i`` uses data format ``i mod 7``, convention ``(i + i // 7) mod 7``
+    and float64 for even ``i``, float32 for odd ``i``, so 14 cases cover every
+    format and convention in both dtypes, 49 every (format, convention) pair
+    and 98 every pair in both dtypes. Every group holds at least two
+    statistic elements.
+
+    Examples
+    --------
+    >>> cases = build_cases(3, 14, seed=0)
+    >>> sorted({c.data_format for c in cases}) == sorted(DATA_FORMATS)
+    True
+    >>> all(c.world_size == 3 for c in cases)
+    True
+    """
+    names = list(CONVENTIONS)
+    return [_random_case(np.random.default_rng([seed, i]), world_size, DATA_FORMATS[i % 7],
+                         names[(i + i // 7) % 7], _DTYPES[i % 2]) for i in range(n_cases)]
+
+
+def _random_groups(rng, w):
+    """None (one group) or a random partition of ``range(w)`` into 2 or 3 groups."""
+    if w < 2 or rng.random() < 0.35:
+        return None
+    k = int(rng.integers(2, min(w, 3) + 1))
+    cuts = np.sort(rng.choice(np.arange(1, w), size=k - 1, replace=False))
+    return [sorted(int(r) for r in part) for part in np.split(rng.permutation(w), cuts)]
+
+
+def _random_case(rng, w, data_format, convention, dtype) -> Case:
+    """One random case (see :func:`build_cases`)."""
+    groups = _random_groups(rng, w)
+    splits = [int(s) for s in rng.integers(1, 4, size=w)]
+    shared = [g for g in (groups or [list(range(w))]) if len(g) > 1]
+    if shared:  # an empty rank, in a group that has another rank
+        group = shared[int(rng.integers(len(shared)))]
+        splits[group[int(rng.integers(len(group)))]] = 0
+    for g in groups or [list(range(w))]:
+        if sum(splits[r] for r in g) < 2:  # at least 2 samples per group
+            splits[next(r for r in g if splits[r])] += 1
+    layout = get_layout(data_format)
+    c = int(rng.integers(1, 5))
+    spatial = [int(s) for s in rng.integers(1, 4, size=layout.ndim - 2)]
+    shape = [sum(splits), *spatial]
+    shape.insert(layout.channel_axis, c)
+    offset = rng.uniform(-3, 3, size=c)
+    scale = 10.0 ** rng.uniform(-1, 1, size=c)
+    bshape = [1] * layout.ndim
+    bshape[layout.channel_axis] = c
+    x = (rng.standard_normal(shape) * scale.reshape(bshape) + offset.reshape(bshape))
+    affine = rng.random() < 0.75
+    training = rng.random() < 0.85
+    mask = None
+    if training and rng.random() < 0.3:
+        mask = rng.random(layout.mask_shape(shape)) < 0.7
+        for start in np.cumsum([0, *splits[:-1]]):
+            mask[start:start + 2] = True  # >= 2 valid positions in every group
+    conv = CONVENTIONS[convention]
+
+    def arr(a):
+        return np.asarray(a, dtype=dtype)
+
+    return Case(x=arr(x), dy=arr(rng.standard_normal(shape)),
+                weight=arr(rng.uniform(0.5, 2, c)) if affine else None,
+                bias=arr(rng.standard_normal(c)) if affine else None,
+                running_mean=arr(rng.standard_normal(c)), running_var=arr(rng.uniform(0.5, 2, c)),
+                splits=tuple(splits), data_format=data_format, convention=convention,
+                eps=conv.eps, momentum=conv.momentum, training=training, mask=mask,
+                groups=groups)
+
+
+def case_error(case, rank: int, outputs: dict, expected: dict) -> tuple[float, str]:
+    """Worst scaled error of ``rank``'s outputs of ``case``, over the tolerance.
+
+    The error of an output is ``max|got - expected| / scale`` with
+    ``scale = max(1, max|expected|)``, except for ``dx``, whose entries are
+    differences of terms as large as ``|dy * weight * invstd|`` (they cancel to
+    exactly 0 for two samples), so its scale is ``max(1, max|dy * weight *
+    invstd|)``. The allowed error is ``TOLERANCE[dtype] + TOLERANCE["float64"]
+    * kappa`` with ``kappa = max_c mean_c^2 / (var_c + eps)``: the sum of
+    squares loses ``log10(kappa)`` digits of the variance in float64 (a
+    channel whose spread is tiny next to its mean is ill-conditioned in every
+    implementation). Returns the worst error over the allowance (``inf`` for a
+    missing output, a shape mismatch or a NaN where a number was expected)
+    and the name of that output.
+
+    Examples
+    --------
+    >>> from refsyncbn.testing.oracle import expected_outputs
+    >>> case = Case(x=np.array([[1.0], [2.0], [4.0]]), running_mean=np.zeros(1),
+    ...             running_var=np.ones(1), splits=(3,), data_format="NC")
+    >>> exp = expected_outputs(case)[0]
+    >>> out = {"y": exp["y"].copy(), "running_mean": exp["running_mean"],
+    ...        "running_var": exp["running_var"]}
+    >>> case_error(case, 0, out, exp)
+    (0.0, 'y')
+    >>> out["y"][0] += 1e-9
+    >>> case_error(case, 0, out, exp)[0] > 1
+    True
+    """
+    scale = {"dx": 1.0}
+    if case.dy is not None:
+        w = 1.0 if case.weight is None else np.abs(np.asarray(case.weight, np.float64))
+        gain = np.max(w / np.sqrt(expected["var"] + case.eps))
+        dy = np.abs(np.asarray(case.shard(rank)["dy"], np.float64))
+        scale["dx"] = max(1.0, float(np.max(dy, initial=0.0)) * float(gain))
+    kappa = float(np.max(expected["mean"] ** 2 / (expected["var"] + case.eps)))
+    allowed = TOLERANCE[case.x.dtype.name] + TOLERANCE["float64"] * kappa
+    worst = (0.0, RESULT_KEYS[0])
+    for key in RESULT_KEYS:
+        want, got = expected.get(key), outputs.get(key)
+        if want is None and got is None:
+            continue
+        if want is None or got is None or np.shape(got) != np.shape(want):
+            return float("inf"), key
+        got = np.asarray(got, np.float64)
+        diff = np.where(np.isnan(want) & np.isnan(got), 0.0, np.abs(got - want))
+        size = scale.get(key, max(1.0, float(np.max(np.abs(want), initial=0.0))))
+        err = float(np.max(np.nan_to_num(diff, nan=np.inf), initial=0.0)) / size / allowed
+        if not err <= worst[0]:
+            worst = (err, key)
+    return worst
+
+
+class _Counting:
+    """A communicator that counts the all-reduces of int (agreement) and float (data) buffers."""
+
+    def __init__(self, comm, counts):
+        self._comm = comm
+        self._counts = counts
+        self.rank = comm.rank
+        self.size = comm.size
+
+    def allreduce_sum(self, buf, /, *, xp):
+        self._counts["float" if np.dtype(buf.dtype).kind == "f" else "int"] += 1
+        return self._comm.allreduce_sum(buf, xp=xp)
+
+    def split(self, color, key):
+        sub = self._comm.split(color, key)
+        return None if sub is None else _Counting(sub, self._counts)
+
+    def free(self):
+        if hasattr(self._comm, "free"):
+            self._comm.free()
+
+
+def check_rank(cases, comm) -> np.ndarray:
+    """Run and check every case on this rank; the all-reduced ``(size, cases, 5)`` table.
+
+    Collective over ``comm`` (the world): row ``r`` holds rank ``r``'s
+    err/tol, worst-output index, int and float all-reduce counts and seconds
+    per case; every rank returns the same table.
+    """
+    table = np.zeros((comm.size, len(cases), _FIELDS))
+    for i, case in enumerate(cases):
+        counts = {"int": 0, "float": 0}
+        start = time.perf_counter()
+        outputs = run_rank(case, _Counting(comm, counts))
+        seconds = time.perf_counter() - start
+        expected = expected_outputs(case, param_grads="local")[comm.rank]
+        err, key = case_error(case, comm.rank, outputs, expected)
+        table[comm.rank, i] = [err, RESULT_KEYS.index(key), counts["int"], counts["float"],
+                               seconds]
+    return comm.allreduce_sum(table.reshape(-1), xp=np).reshape(table.shape)
+
+
+def add_arguments(parser) -> None:
+    """Arguments of the ``selfcheck`` subcommand."""
+    parser.add_argument("--cases", type=int, default=98, metavar="N",
+                        help="number of random cases (default 98: every (format, "
+                             "convention) pair in float64 and in float32)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the random cases (default 0)")
+    parser.add_argument("--world", type=int, metavar="W",
+                        help="run W ranks as threads of this process instead of under mpiexec")
+
+
+def main(args) -> int:
+    """Build, run and check the cases; print the report on rank 0; 0 when all pass."""
+    if args.cases < 1:
+        print(f"refsyncbn selfcheck: error: --cases is {args.cases}; expected >= 1",
+              file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    if args.world is not None:
+        if launched_by_mpiexec():
+            print("refsyncbn selfcheck: error: --world runs ranks as threads of one process; "
+                  "under mpiexec leave it out (the MPI ranks are the world)", file=sys.stderr)
+            return 1
+        world = SimulatedWorld(args.world)
+        cases = build_cases(args.world, args.cases, args.seed)
+        table = world.run(lambda comm: check_rank(cases, comm))[0]
+        rank, where = 0, f"{args.world} simulated ranks (threads of one process)"
+    else:
+        comm = default_comm()
+        cases = build_cases(comm.size, args.cases, args.seed)
+        table = check_rank(cases, comm)
+        rank, where = comm.rank, _describe_world(comm)
+    failed = int(np.sum(~(np.max(table[:, :, 0], axis=0) <= 1.0)))
+    if rank == 0:
+        print(_report(cases, table, where, args.seed, time.perf_counter() - start))
+    return 1 if failed else 0
+
+
+def _describe_world(comm) -> str:
+    """"4 MPI ranks (MPICH Version: 5.0.2)" or the one-process fallback."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return ("1 rank (not under an MPI launcher; try "
+                "`mpiexec -n 4 python -m mpi4py -m refsyncbn selfcheck`)")
+    library = mpi.Get_library_version().strip().splitlines()[0]
+    return f"{comm.size} MPI rank{'s' if comm.size > 1 else ''} ({' '.join(library.split())})"
+
+
+def _report(cases, table, where, seed, wall) -> str:
+    """The human-readable report printed by rank 0."""
+    tol = ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items())
+    lines = [f"refsyncbn selfcheck: {where}",
+             f"{len(cases)} random cases (seed {seed}) vs the float64 global-batch oracle; "
+             f"error = max|got - expected| / max(1, max|expected|) over y, dx, dweight, "
+             f"dbias, running_mean, running_var, over the allowance {tol} + {TOLERANCE['float64']:g} * kappa "
+             f"(kappa = max mean^2 / (var + eps), the conditioning of the statistics)",
+             "",
+             f"{'case':>4}  {'format':<6} {'convention':<10} {'dtype':<7} {'mode':<10} "
+             f"{'groups':<22} {'local batch per rank':<22} {'all-reduces':<13} "
+             f"{'err/tol':>8}  {'worst':<12} verdict"]
+    worst_rank = np.argmax(np.nan_to_num(table[:, :, 0], nan=np.inf), axis=0)
+    for i, case in enumerate(cases):
+        row = table[worst_rank[i], i]
+        err = float(np.max(table[:, i, 0]))
+        ok = err <= 1.0
+        mode = ("train" if case.training else "eval") + ("+mask" if case.mask is not None else "")
+        groups = "all" if case.groups is None else str(case.groups).replace(" ", "")
+        colls = f"{int(np.max(table[:, i, 2]))} int+{int(np.max(table[:, i, 3]))} flt"
+        lines.append(f"{i:>4}  {case.data_format:<6} {case.convention:<10} "
+                     f"{case.x.dtype.name:<7} {mode:<10} {groups:<22} "
+                     f"{str(list(case.splits)):<22} {colls:<13} {err:>8.3g}  "
+                     f"{RESULT_KEYS[int(row[1])]:<12} {'ok' if ok else 'FAIL'}")
+    errs = np.max(table[:, :, 0], axis=0)
+    failed = int(np.sum(~(errs <= 1.0)))
+    lines += ["",
+              "all-reduces per rank and case: int = error agreement (one per pass), flt = "
+              "packed statistics (one per pass); a group of one rank skips the agreement, "
+              "eval passes communicate nothing",
+              f"time in the cases: {np.max(np.sum(table[:, :, 4], axis=1)):.2f} s "
+              f"(slowest rank); wall time {wall:.2f} s",
+              (f"FAILED: {failed} of {len(cases)} cases exceed the tolerance" if failed else
+               f"PASSED: all {len(cases)} cases within tolerance "
+               f"(worst err/tol {float(np.max(errs)):.3g})")]
+    return "\n".join(lines)
