@@ -132,7 +132,8 @@ class _BatchNormBase:
         sparse = None
         if isinstance(x, SparseCooTensor):
             if mask is not None:
-                msg = "mask must be None for a SparseCooTensor input: its stored sites are the valid ones"
+                msg = ("mask must be None for a SparseCooTensor input: its stored sites are the "
+                       "valid ones")
                 raise ValueError(msg)
             sparse, x, data_format = x, x.values, "NC"
         else:

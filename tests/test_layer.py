@@ -1,0 +1,167 @@
+"""refsyncbn.SyncBatchNorm / BatchNorm / convert_sync_batchnorm against the float64 oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refsyncbn import RankError, SimulatedWorld
+from refsyncbn.layer import BatchNorm, Sequential, SyncBatchNorm, convert_sync_batchnorm
+from tests._layers import channels, make_case, mismatches, run_simulated
+
+
+def sync_layer(case, **kw):
+    def make(comm):
+        return SyncBatchNorm(channels(case), data_format=case.data_format,
+                             convention=case.convention, momentum=case.momentum, comm=comm,
+                             process_groups=case.groups, dtype=np.float64, **kw)
+    return make
+
+
+class TestSyncBatchNormMatchesOracle:
+    @pytest.mark.parametrize("data_format,shape", [("NCHW", (7, 3, 2, 2)), ("NHWC", (7, 2, 2, 3)),
+                                                   ("NC", (7, 3)), ("NLC", (7, 4, 3))])
+    @pytest.mark.parametrize("convention", ["reference", "paddle", "torch", "mindspore"])
+    def test_uneven_shards_with_an_empty_rank(self, data_format, shape, convention):
+        rng = np.random.default_rng(1)
+        momentum = {"torch": 0.1}.get(convention, 0.9)
+        case = make_case(rng, shape, (1, 0, 4, 2), data_format=data_format,
+                         convention=convention, momentum=momentum)
+        assert mismatches(run_simulated(case, sync_layer(case)), case) == []
+
+    def test_process_groups_synchronize_within_each_group(self):
+        rng = np.random.default_rng(2)
+        case = make_case(rng, (9, 2, 3), (1, 3, 2, 3), data_format="NCL",
+                         convention="reference", momentum=0.9, groups=[[0, 2], [3, 1]])
+        assert mismatches(run_simulated(case, sync_layer(case)), case) == []
+
+    @pytest.mark.parametrize("convention", ["reference", "paddle"])
+    def test_mask_uses_valid_positions_with_exact_weighting(self, convention):
+        rng = np.random.default_rng(3)
+        case = make_case(rng, (6, 2, 5), (2, 1, 3), data_format="NCL", convention=convention,
+                         momentum=0.9, mask=True)
+        assert mismatches(run_simulated(case, sync_layer(case)), case) == []
+
+    def test_eval_uses_running_statistics_and_keeps_them(self):
+        rng = np.random.default_rng(4)
+        case = make_case(rng, (5, 2, 3), (2, 3), data_format="NCL", convention="reference",
+                         momentum=0.9, training=False)
+
+        def make(comm):
+            return sync_layer(case)(comm).eval()
+        assert mismatches(run_simulated(case, make), case) == []
+
+    def test_plain_batchnorm_differs_from_sync_on_uneven_data(self):
+        """Negative control: per-rank batch norm is not the synchronized result."""
+        rng = np.random.default_rng(5)
+        case = make_case(rng, (6, 2), (1, 5), data_format="NC", convention="reference",
+                         momentum=0.9)
+        local = run_simulated(case, lambda comm: BatchNorm(2, data_format="NC", dtype=np.float64))
+        assert mismatches(local, case, keys=("y",)) != []
+
+
+class TestLayerState:
+    def test_inputs_are_never_mutated(self):
+        rng = np.random.default_rng(6)
+        x, dy = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+        w, rm = rng.normal(size=3), np.zeros(3)
+        copies = [a.copy() for a in (x, dy, w, rm)]
+        bn = BatchNorm(3, data_format="NC", dtype=np.float64)
+        bn.load_state_dict({**bn.state_dict(), "weight": w, "running_mean": rm})
+        bn(x)
+        bn.backward(dy)
+        for a, b in zip((x, dy, w, rm), copies, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert bn.running_mean is not rm
+
+    def test_running_stats_follow_momentum_over_steps(self):
+        bn = BatchNorm(1, momentum=0.5, data_format="NC", dtype=np.float64)
+        bn(np.array([[1.0], [3.0]]))
+        bn(np.array([[5.0], [7.0]]))
+        # mean: 0 -> 0.5*0 + 0.5*2 = 1 -> 0.5*1 + 0.5*6 = 3.5; var: 1 -> 1 -> 1
+        np.testing.assert_allclose(bn.running_mean, [3.5])
+        np.testing.assert_allclose(bn.running_var, [1.0])
+        assert bn.num_batches_tracked == 2
+
+    def test_state_dict_round_trips_through_npz(self, tmp_path):
+        rng = np.random.default_rng(7)
+        bn = BatchNorm(3, data_format="NC")
+        bn(rng.normal(size=(5, 3)).astype(np.float32))
+        bn.save(tmp_path / "bn.npz")
+        other = BatchNorm(3, data_format="NC")
+        other.load(tmp_path / "bn.npz")
+        for key, value in bn.state_dict().items():
+            np.testing.assert_array_equal(other.state_dict()[key], value)
+        assert other.num_batches_tracked == 1 and other.running_mean.dtype == np.float32
+
+    def test_load_state_dict_names_bad_keys_and_shapes(self):
+        bn = BatchNorm(3)
+        with pytest.raises(ValueError, match=r"missing keys \['bias'"):
+            bn.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "bias"})
+        with pytest.raises(ValueError, match=r"state_dict\['weight'\] has shape \(4,\)"):
+            bn.load_state_dict({**bn.state_dict(), "weight": np.ones(4)})
+
+    def test_backward_before_forward_raises(self):
+        with pytest.raises(RuntimeError, match="before forward"):
+            BatchNorm(2).backward(np.ones((2, 2, 1, 1)))
+
+    def test_affine_false_has_no_parameters_or_gradients(self):
+        bn = BatchNorm(2, affine=False, data_format="NC")
+        bn(np.array([[1.0, 2.0], [3.0, 5.0]]))
+        bn.backward(np.ones((2, 2)))
+        assert bn.weight is None and bn.weight_grad is None and "weight" not in bn.state_dict()
+
+    @pytest.mark.parametrize("kwargs,exc,name", [
+        ({"num_features": 2.0}, TypeError, "num_features"),
+        ({"num_features": 0}, ValueError, "num_features"),
+        ({"num_features": 2, "eps": -1.0}, ValueError, "eps"),
+        ({"num_features": 2, "momentum": 1.5}, ValueError, "momentum"),
+        ({"num_features": 2, "data_format": "CHWN"}, ValueError, "data_format"),
+        ({"num_features": 2, "convention": "caffe"}, ValueError, "convention"),
+    ])
+    def test_invalid_arguments_raise_naming_them(self, kwargs, exc, name):
+        with pytest.raises(exc, match=name):
+            SyncBatchNorm(**kwargs)
+
+    def test_channel_mismatch_raises_on_every_rank(self):
+        def body(comm, c):
+            return SyncBatchNorm(2, data_format="NC", comm=comm)(np.ones((2, c)))
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(2).run(body, [2, 3])
+        assert set(info.value.errors) == {0, 1}
+        assert all(isinstance(e, ValueError) for e in info.value.errors.values())
+
+
+class Block:
+    def __init__(self):
+        self.norm = BatchNorm(4)
+        self.pair = (BatchNorm(4), "not a layer")
+
+
+class TestConvertSyncBatchnorm:
+    def test_converts_nested_layers_sharing_arrays(self):
+        shared = BatchNorm(4)
+        shared.train(False)
+        model = {"seq": Sequential(BatchNorm(4), shared), "blocks": [Block(), shared],
+                 "other": 3}
+        model["self"] = model  # a cycle
+        weight, rm = shared.weight, shared.running_mean
+        out = convert_sync_batchnorm(model)
+        assert out is model
+        new = model["seq"][1]
+        assert type(new) is SyncBatchNorm and model["blocks"][1] is new
+        assert new.weight is weight and new.running_mean is rm and new.training is False
+        block = model["blocks"][0]
+        assert type(block.norm) is SyncBatchNorm and type(block.pair[0]) is SyncBatchNorm
+        assert block.pair[1] == "not a layer" and model["other"] == 3
+
+    def test_converted_layer_keeps_options_and_counter(self):
+        bn = BatchNorm(3, eps=1e-3, momentum=0.8, data_format="NHWC", convention="keras")
+        bn(np.ones((2, 1, 1, 3)))
+        new = convert_sync_batchnorm(bn)
+        assert (new.eps, new.momentum, new.data_format, new.convention.name,
+                new.num_batches_tracked) == (1e-3, 0.8, "NHWC", "keras", 1)
+
+    def test_sync_layers_are_left_alone(self):
+        layer = SyncBatchNorm(2)
+        assert convert_sync_batchnorm([layer])[0] is layer
