@@ -3,18 +3,25 @@
 from .comm import LocalComm, RankError, SimulatedWorld
 from .conventions import CONVENTIONS, Convention, get_convention
 from .functional import ForwardResult, Grads, backward, forward
+from .layer import BatchNorm, Sequential, SyncBatchNorm, convert_sync_batchnorm
 from .layouts import DATA_FORMATS
+from .sparse import SparseCooTensor
 
 __all__ = [
     "CONVENTIONS",
     "DATA_FORMATS",
+    "BatchNorm",
     "Convention",
     "ForwardResult",
     "Grads",
     "LocalComm",
     "RankError",
+    "Sequential",
     "SimulatedWorld",
+    "SparseCooTensor",
+    "SyncBatchNorm",
     "backward",
+    "convert_sync_batchnorm",
     "forward",
     "get_convention",
 ]
