@@ -1,0 +1,203 @@
+"""SimulatedWorld, LocalComm and process-group rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refsyncbn.comm import (
+    Communicator,
+    LocalComm,
+    RankError,
+    SimulatedWorld,
+    group_comm,
+    simulated,
+    validate_process_groups,
+)
+from refsyncbn.comm.simulated import PeerAborted
+
+
+def _allreduce(comm, value):
+    return comm.allreduce_sum(np.array([value]), xp=np)
+
+
+class TestSimulatedWorld:
+    def test_sums_in_rank_order_identically_on_every_rank(self):
+        # Left to right: (1e16 + 1) rounds to 1e16 (ulp 2), then - 1e16 gives 0. Any other
+        # order that adds 1 last would give 1.
+        for _ in range(5):
+            out = SimulatedWorld(3).run(_allreduce, [1e16, 1.0, -1e16])
+            assert [float(o[0]) for o in out] == [0.0, 0.0, 0.0]
+
+    def test_runs_without_shards_and_returns_results_by_rank(self):
+        out = SimulatedWorld(4).run(lambda comm: (comm.rank, comm.size))
+        assert out == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+    def test_comms_implement_the_protocol(self):
+        assert all(SimulatedWorld(2).run(lambda comm: isinstance(comm, Communicator)))
+        assert isinstance(LocalComm(), Communicator)
+
+    @pytest.mark.parametrize("size", [0, -1, 1.5, True, "2"])
+    def test_size_must_be_a_positive_int(self, size):
+        with pytest.raises(ValueError, match="size is .*; expected an int >= 1"):
+            SimulatedWorld(size)
+
+    def test_one_shard_per_rank(self):
+        with pytest.raises(ValueError, match="shards has 2 entries; expected one per rank"):
+            SimulatedWorld(3).run(_allreduce, [1.0, 2.0])
+
+    def test_buffers_of_different_shapes_raise_on_every_rank(self):
+        def body(comm, n):
+            return comm.allreduce_sum(np.zeros(n), xp=np)
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(2).run(body, [2, 3])
+        assert sorted(info.value.errors) == [0, 1]
+        assert "buffers differ in shape (rank 0: (2,), rank 1: (3,))" in str(info.value)
+
+
+class TestSplit:
+    def test_colors_group_ranks_ordered_by_key_then_rank(self):
+        colors, keys = [0, 1, 0, None, 0], [5, 0, 1, 0, 1]
+
+        def body(comm, _):
+            sub = comm.split(colors[comm.rank], keys[comm.rank])
+            if sub is None:
+                return None
+            # Each member writes its world rank at its new rank: reveals the order.
+            buf = np.zeros(sub.size)
+            buf[sub.rank] = comm.rank
+            return sub.size, sub.rank, list(sub.allreduce_sum(buf, xp=np))
+
+        out = SimulatedWorld(5).run(body, [None] * 5)
+        # color 0: world ranks 0 (key 5), 2 (key 1), 4 (key 1): keys, ties by rank -> 2, 4, 0
+        assert out[2] == (3, 0, [2.0, 4.0, 0.0])
+        assert out[4] == (3, 1, [2.0, 4.0, 0.0])
+        assert out[0] == (3, 2, [2.0, 4.0, 0.0])
+        assert out[1] == (1, 0, [1.0])
+        assert out[3] is None
+
+    def test_groups_reduce_independently_and_can_split_again(self):
+        def body(comm, _):
+            sub = comm.split(comm.rank % 2, comm.rank)
+            subsub = sub.split(0, -sub.rank)  # reversed order
+            return float(_allreduce(sub, comm.rank)[0]), subsub.rank
+
+        out = SimulatedWorld(4).run(body, [None] * 4)
+        assert [o[0] for o in out] == [2.0, 4.0, 2.0, 4.0]
+        assert [o[1] for o in out] == [1, 1, 0, 0]
+
+
+class TestFailures:
+    @pytest.mark.timeout(60)
+    def test_an_exception_on_one_rank_does_not_hang_the_others(self):
+        def body(comm, _):
+            if comm.rank == 1:
+                raise KeyError("boom")
+            return _allreduce(comm, 1.0)
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(3).run(body, [None] * 3)
+        errors = info.value.errors
+        assert list(errors) == [0, 1, 2]
+        assert isinstance(errors[1], KeyError)
+        assert isinstance(errors[0], PeerAborted) and isinstance(errors[2], PeerAborted)
+        assert info.value.__cause__ is errors[1]
+        assert "rank 1: KeyError: 'boom'" in str(info.value)
+        assert "rank 0: PeerAborted: rank 0 left a collective because another rank raised" in (
+            str(info.value))
+
+    def test_a_failure_after_a_finished_collective_leaves_the_others_alone(self):
+        def body(comm, _):
+            total = _allreduce(comm, 1.0)
+            if comm.rank == 2:
+                raise ValueError("late")
+            return total
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(3).run(body, [None] * 3)
+        assert list(info.value.errors) == [2]
+
+    def test_a_rank_that_never_joins_times_the_others_out(self, monkeypatch):
+        monkeypatch.setattr(simulated, "_TIMEOUT_S", 0.2)
+
+        def body(comm, _):
+            return None if comm.rank == 1 else _allreduce(comm, 1.0)
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(2).run(body, [None, None])
+        assert list(info.value.errors) == [0]
+        assert isinstance(info.value.errors[0], TimeoutError)
+        assert "1 rank(s) never joined" in str(info.value.errors[0])
+
+
+class TestLocalComm:
+    def test_is_a_one_rank_identity(self):
+        comm = LocalComm()
+        assert (comm.rank, comm.size) == (0, 1)
+        buf = np.array([1.0, 2.0])
+        np.testing.assert_array_equal(comm.allreduce_sum(buf, xp=np), buf)
+        assert comm.split(0, 0) is comm
+        assert comm.split(None, 0) is None
+
+
+class TestValidateProcessGroups:
+    def test_accepts_ragged_and_non_contiguous_groups_and_numpy_ints(self):
+        assert validate_process_groups([[0, 2], [1, 3]], 4) == [[0, 2], [1, 3]]
+        assert validate_process_groups([[0], [1, 2, 3]], 4) == [[0], [1, 2, 3]]
+        out = validate_process_groups([[np.int64(1), 0]], 2)
+        assert out == [[1, 0]] and all(type(r) is int for r in out[0])
+
+    @pytest.mark.parametrize(("groups", "match"), [
+        (((0, 1),), "process_groups is a tuple; expected a list of lists"),
+        ([(0, 1)], r"process_groups\[0\] is a tuple; expected a list of int ranks"),
+        ([[0], "12"], r"process_groups\[1\] is a str"),
+        ([[0, 1.0]], r"process_groups\[0\] holds 1.0; expected int ranks"),
+        ([[True]], r"process_groups\[0\] holds True; expected int ranks"),
+    ])
+    def test_type_errors(self, groups, match):
+        with pytest.raises(TypeError, match=match):
+            validate_process_groups(groups, 4)
+
+    @pytest.mark.parametrize(("groups", "match"), [
+        ([[0, 4]], r"process_groups\[0\] holds rank 4; expected ranks in \[0, 4\)"),
+        ([[-1]], r"holds rank -1; expected ranks in \[0, 4\)"),
+        ([[0, 1], [1, 2]], "rank 1 is in group 0 and group 1; each rank may belong to one"),
+        ([[2, 2]], "rank 2 is in group 0 and group 0"),
+        ([[0], []], r"process_groups\[1\] is empty; every group needs at least one rank"),
+    ])
+    def test_value_errors(self, groups, match):
+        with pytest.raises(ValueError, match=match):
+            validate_process_groups(groups, 4)
+
+
+class TestGroupComm:
+    def test_none_means_the_whole_communicator(self):
+        comm = LocalComm()
+        assert group_comm(comm, None) is comm
+
+    def test_group_members_are_ordered_by_world_rank(self):
+        def body(comm, _):
+            sub = group_comm(comm, [[3, 1], [2, 0]])
+            return sub.rank, sub.size, float(_allreduce(sub, 10.0**comm.rank)[0])
+
+        out = SimulatedWorld(4).run(body, [None] * 4)
+        assert out == [(0, 2, 101.0), (0, 2, 1010.0), (1, 2, 101.0), (1, 2, 1010.0)]
+
+    def test_a_rank_in_no_group_raises_naming_itself(self):
+        def body(comm, _):
+            sub = group_comm(comm, [[0, 2]])
+            return float(_allreduce(sub, 1.0)[0])
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(3).run(body, [None] * 3)
+        assert list(info.value.errors) == [1]
+        err = info.value.errors[1]
+        assert isinstance(err, ValueError)
+        assert "rank 1 is in no group of process_groups=[[0, 2]]" in str(err)
+
+    def test_invalid_groups_raise_on_every_rank(self):
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(2).run(lambda comm, _: group_comm(comm, [[0, 5]]), [None] * 2)
+        assert sorted(info.value.errors) == [0, 1]
+        assert all(isinstance(e, ValueError) for e in info.value.errors.values())
