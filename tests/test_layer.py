@@ -165,3 +165,20 @@ class TestConvertSyncBatchnorm:
     def test_sync_layers_are_left_alone(self):
         layer = SyncBatchNorm(2)
         assert convert_sync_batchnorm([layer])[0] is layer
+
+
+class TestOtherNamespaces:
+    def test_parameters_and_outputs_stay_in_the_layer_namespace(self):
+        xp = pytest.importorskip("array_api_strict", reason="needs array-api-strict")
+        x = np.random.default_rng(8).normal(size=(6, 2))
+
+        def body(comm, rows):
+            layer = SyncBatchNorm(2, data_format="NC", comm=comm, xp=xp, dtype=xp.float64)
+            y = layer(xp.asarray(x[rows]))
+            layer.backward(xp.ones_like(y))
+            return y, layer.running_mean, layer.weight_grad
+        out = SimulatedWorld(2).run(body, [slice(0, 1), slice(1, 6)])
+        assert all(type(a) is type(xp.asarray(0.0)) for a in out[0])
+        ref = BatchNorm(2, data_format="NC", dtype=np.float64)
+        np.testing.assert_allclose(np.concatenate([np.asarray(o[0]) for o in out]), ref(x),
+                                   rtol=1e-12)
