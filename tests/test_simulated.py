@@ -191,7 +191,10 @@ class TestGroupComm:
 
         with pytest.raises(RankError) as info:
             SimulatedWorld(3).run(body, [None] * 3)
-        assert list(info.value.errors) == [1]
+        # Ranks 0 and 2 finish, or (if still waiting when rank 1 raised) abort like
+        # `python -m mpi4py` aborts the world: never hang, never another error.
+        others = {r: e for r, e in info.value.errors.items() if r != 1}
+        assert all(isinstance(e, PeerAborted) for e in others.values())
         err = info.value.errors[1]
         assert isinstance(err, ValueError)
         assert "rank 1 is in no group of process_groups=[[0, 2]]" in str(err)
