@@ -6,20 +6,25 @@ from refsyncbn import SimulatedWorld, backward, forward
 from refsyncbn.comm import group_comm
 
 
-def run_rank(comm, case, rank, *, variance="sumsq", param_grads=None, **overrides):
+def run_rank(comm, case, rank, *, variance="sumsq", param_grads=None, convert=None,
+             **overrides):
     """One world rank's forward (and backward with ``case.dy``) as a dict of outputs.
 
     ``comm`` is the world communicator; the rank's group communicator is split
-    from it. ``overrides`` replace forward arguments (e.g. ``convention=``).
+    from it. ``convert`` maps each NumPy input array to the namespace under
+    test (default: NumPy itself). ``overrides`` replace forward arguments.
     """
+    def conv(a):
+        return a if a is None or convert is None else convert(a)
+
     sub = group_comm(comm, case.groups)
-    shard = case.shard(rank)
-    kwargs = dict(running_mean=case.running_mean, running_var=case.running_var,
+    shard = {k: conv(v) for k, v in case.shard(rank).items()}
+    kwargs = dict(running_mean=conv(case.running_mean), running_var=conv(case.running_var),
                   training=case.training, eps=case.eps, momentum=case.momentum,
                   data_format=case.data_format, convention=case.convention,
                   variance=variance, mask=shard.get("mask"), comm=sub)
     kwargs.update(overrides)
-    res = forward(shard["x"], case.weight, case.bias, **kwargs)
+    res = forward(shard["x"], conv(case.weight), conv(case.bias), **kwargs)
     out = {"y": res.y, "mean": res.saved.mean, "var": res.saved.var,
            "running_mean": res.running_mean, "running_var": res.running_var}
     if case.dy is not None:
