@@ -234,9 +234,11 @@ def backward(dy, saved: Saved, *, param_grads=None):
     affine = s.weight is not None
     error = _validate_backward(dy, s, pg, xp=xp)
     reduce_params = affine and pg != "local"
-    if (s.training or reduce_params) and s.comm.size > 1:
+    # Agree whenever SOME rank may communicate: the condition must not depend on
+    # affine, which could differ between ranks (one waiting forever otherwise).
+    if (s.training or pg != "local") and s.comm.size > 1:
         signature = {"channels": s.layout.channels(s.shape), "training": int(s.training),
-                     "param_grads": _index(_PARAM_GRADS, pg)}
+                     "param_grads": _index(_PARAM_GRADS, pg), "affine": int(affine)}
         _agree(s.comm, "backward", error, signature)
     elif error is not None:
         raise error
@@ -391,7 +393,7 @@ def _describe(field, code) -> str:
         return f"{code} channels"
     names = {"dtype": _FLOAT_NAMES, "data_format": DATA_FORMATS, "variance": VARIANCE_ALGORITHMS,
              "weighting": ("count", "equal"), "param_grads": _PARAM_GRADS,
-             "training": ("False", "True")}[field]
+             "training": ("False", "True"), "affine": ("False", "True")}[field]
     return f"{field} {names[code] if 0 <= code < len(names) else 'unsupported'}"
 
 
@@ -408,6 +410,8 @@ def _agree(comm, where, error, signature: dict):
     table = comm.allreduce_sum(table.reshape(-1), xp=np).reshape(comm.size, -1)
     if error is not None:
         raise error
+    if not table[0, 0] and (table == table[0]).all():
+        return  # the common case, one vectorized test: no failure, equal signatures
     failed = [int(r) for r in np.flatnonzero(table[:, 0])]
     if failed:
         msg = (f"{where}: rank(s) {failed} of the group rejected their own inputs (their "

@@ -285,3 +285,20 @@ class TestErrorAgreement:
             SimulatedWorld(2).run(body, [np.float64, np.float32])
         for e in info.value.errors.values():
             assert "rank 1 passed dtype float32, rank 0 passed dtype float64" in str(e)
+
+    @pytest.mark.timeout(60)
+    def test_affine_on_some_ranks_only_raises_on_every_rank_instead_of_hanging(self):
+        # Eval with reduced parameter gradients: only affine ranks have something to
+        # reduce, yet every rank must join the agreement so none waits forever.
+        x = np.arange(8.0).reshape(4, 2)
+
+        def body(comm, affine):
+            ones = np.ones(2) if affine else None
+            res = forward(x, ones, ones, running_mean=np.zeros(2), running_var=np.ones(2),
+                          training=False, data_format="NC", comm=comm)
+            return backward(np.ones_like(x), res.saved, param_grads="sum")
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(2).run(body, [True, False])
+        for e in info.value.errors.values():
+            assert "rank 1 passed affine False, rank 0 passed affine True" in str(e)
