@@ -90,8 +90,7 @@ from ..comm import LocalComm, RankError, SimulatedWorld, group_comm
 from ..conventions import CONVENTIONS, get_convention
 from ..functional import backward, forward
 from ..layouts import get_layout
-from .oracle import _rows, expected_outputs
-from .tolerances import ErrorModel, QuantityCheck, compare_outputs
+from .tolerances import ErrorModel, _expected, compare_outputs
 
 __all__ = [
     "PROBE_EPS",
@@ -419,7 +418,7 @@ def check(candidate, cases_dir=None, *, expect="reference", global_batch=False, 
     checks = {}
     for name, outs in outputs.items():
         case = cases[name]
-        expected = expected_outputs(case, param_grads=pg)
+        expected = _expected(case, pg)
         bounds = model.bounds(case, expected, param_grads=pg)
         checks[name] = compare_outputs(outs, expected, bounds, data_format=case.data_format)
     traits = fingerprint(cases, outputs, global_batch=global_batch)

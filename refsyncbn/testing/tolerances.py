@@ -42,7 +42,10 @@ for equal weighting over ``R`` non-empty ranks).
    ``rho >= 1/2`` (the declared algorithm cannot resolve the channel) the
    bounds of everything that depends on ``invstd`` are infinite.
 5. ``x_hat = (x - mean) invstd`` is off by
-   ``d_xhat = d_mean invstd + |x_hat| (rho / 2 + 2u)``, and
+   ``d_xhat = d_mean invstd + |x_hat| rho / 2 + 2u (|x| + |mean|) invstd``
+   (the last term also covers the folded form ``x * scale + shift`` that
+   inference kernels use, whose rounding is relative to ``|x|``, not
+   ``|x - mean|``), and
    ``y = w x_hat + b`` by ``|w| d_xhat + 2u (|w x_hat| + |b|) + 2 u_out |y|``:
    the last term is the rounding of BOTH the candidate's and the reference's
    output to the output dtype (the expected values may be the float64 oracle
@@ -60,6 +63,10 @@ for equal weighting over ``R`` non-empty ranks).
    or ``n/(n-1)``): ``a d_mean`` and ``a k d_var``, plus ``2 (u + u_rs)`` times
    the magnitudes of the two terms of the update.
 8. Eval mode normalizes with the given running statistics: ``d_mean = d_var = 0``.
+9. The expected values are float64 computations too (the oracle's sums
+   round like a float64 implementation's), so every ``u`` above is the
+   candidate's unit roundoff plus 2**-53: negligible for float32 candidates,
+   a factor 2 for float64 ones.
 
 Every bound is multiplied by ``safety`` (default 2) for the second-order terms
 and constants the first-order analysis drops, and floored at the smallest
@@ -117,6 +124,12 @@ def unit_roundoff(dtype) -> float:
         msg = f"dtype is {dtype!r}; expected one of {tuple(_UNIT_ROUNDOFF)}"
         raise ValueError(msg)
     return _UNIT_ROUNDOFF[name]
+
+
+def _expected(case, param_grads):
+    """The oracle's outputs; NaN from ``eps = 0`` and zero variance is expected, not warned."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return expected_outputs(case, param_grads=param_grads)
 
 
 def _tiny(dtype) -> float:
@@ -179,6 +192,10 @@ class ErrorModel:
         n = max(int(n), 1)
         return float(math.ceil(math.log2(n)) + 1) if self.summation == "pairwise" else float(n)
 
+    def _u(self) -> float:
+        """The candidate's unit roundoff plus the float64 oracle's (item 9)."""
+        return unit_roundoff(self.accumulation) + _UNIT_ROUNDOFF["float64"]
+
     def statistics_error(self, s1, s2, mean, var, m):
         """First-order bounds ``(d_mean, d_var)`` on a group's mean and biased variance.
 
@@ -186,7 +203,7 @@ class ErrorModel:
         elements of the group (items 2 and 3 of the module docstring); no
         safety factor.
         """
-        u = unit_roundoff(self.accumulation)
+        u = self._u()
         g = self.growth(m)
         d_mean = (g + 2) * u * s1
         if self.variance == "sumsq":
@@ -216,9 +233,9 @@ class ErrorModel:
         conv = get_convention(case.convention)
         pg = conv.param_grads if param_grads is None else param_grads
         if expected is None:
-            expected = expected_outputs(case, param_grads=pg)
+            expected = _expected(case, pg)
         axis = get_layout(case.data_format).channel_axis
-        u = unit_roundoff(self.accumulation)
+        u = self._u()
         u_out, tiny_out = unit_roundoff(case.x.dtype), _tiny(case.x.dtype)
         u_rs, tiny_rs = unit_roundoff(case.running_mean.dtype), _tiny(case.running_mean.dtype)
         affine = case.weight is not None
@@ -261,7 +278,9 @@ class ErrorModel:
         rho = d_var / denom + 2 * u
         rho = np.where(rho < 0.5, rho, np.inf)  # NaN (0/0) also means "no bound"
         xhats = [(x - mean) * invstd for x in xs]
-        d_xhats = [d_mean * invstd + np.abs(xh) * (rho / 2 + 2 * u) for xh in xhats]
+        d_xhats = [d_mean * invstd + np.abs(xh) * rho / 2
+                   + 2 * u * (np.abs(x) + np.abs(mean)) * invstd
+                   for x, xh in zip(xs, xhats, strict=True)]
         s = self.safety
         for r, shard, xh, dxh in zip(group, shards, xhats, d_xhats, strict=True):
             y = _rows(expected[r]["y"], axis)
@@ -468,7 +487,7 @@ def assert_sync_batch_norm_close(actual: Sequence[Mapping], case, *, model=None,
         raise AssertionError(msg)
     model = ErrorModel() if model is None else model
     if expected is None:
-        expected = expected_outputs(case, param_grads=param_grads)
+        expected = _expected(case, param_grads)
     bounds = model.bounds(case, expected, param_grads=param_grads)
     checks = compare_outputs(actual, expected, bounds, data_format=case.data_format)
     failed = sorted((c for c in checks if not c.passed), key=lambda c: -c.ratio)

@@ -1,0 +1,171 @@
+"""The error model holds for correct arithmetic and is broken by weak arithmetic."""
+
+import numpy as np
+import pytest
+from _candidates import lowprec_candidate
+from hypothesis import given, settings
+
+from refsyncbn import SimulatedWorld
+from refsyncbn.cases import Case
+from refsyncbn.runner import run_rank
+from refsyncbn.testing import expected_outputs, strategies
+from refsyncbn.testing.checker import run_candidate
+from refsyncbn.testing.tolerances import (
+    ErrorModel,
+    assert_sync_batch_norm_close,
+    compare_outputs,
+    unit_roundoff,
+)
+
+
+def _reference(case):
+    return SimulatedWorld(case.world_size).run(lambda comm: run_rank(case, comm))
+
+
+def _worst(checks, quantity=None):
+    return max(c.ratio for c in checks if quantity in (None, c.quantity))
+
+
+def _mean_std_case(mean, std, n=256, splits=(100, 156), channels=2, seed=0):
+    """NC float32 data with the given per-channel mean and std (reference convention)."""
+    rng = np.random.default_rng(seed)
+    x = (mean + std * rng.standard_normal((n, channels))).astype(np.float32)
+    f32 = np.float32
+    return Case(x=x, running_mean=np.zeros(channels, f32), running_var=np.ones(channels, f32),
+                splits=splits, data_format="NC", weight=np.full(channels, 1.5, f32),
+                bias=np.full(channels, 0.25, f32), dy=rng.standard_normal(x.shape).astype(f32))
+
+
+class TestErrorModelArguments:
+    def test_rejects_unknown_accumulation_naming_it(self):
+        with pytest.raises(ValueError, match="'int8'"):
+            ErrorModel(accumulation="int8")
+
+    @pytest.mark.parametrize("field", ["variance", "summation"])
+    def test_rejects_unknown_algorithm_naming_the_field(self, field):
+        with pytest.raises(ValueError, match=f"ErrorModel.{field}"):
+            ErrorModel(**{field: "magic"})
+
+    def test_rejects_safety_below_one(self):
+        with pytest.raises(ValueError, match="safety"):
+            ErrorModel(safety=0.5)
+
+    def test_unit_roundoff_is_half_the_machine_epsilon(self):
+        for dtype in (np.float16, np.float32, np.float64):
+            assert unit_roundoff(dtype) == np.finfo(dtype).eps / 2
+
+
+class TestReferenceInsideItsBound:
+    """The reference vs the oracle (``run_rank`` returns local parameter gradients)."""
+
+    @settings(max_examples=40)
+    @given(strategies.cases() | strategies.hard_cases())
+    def test_uses_under_half_the_default_float32_bound(self, case):
+        checks = assert_sync_batch_norm_close(_reference(case), case, param_grads="local")
+        assert _worst(checks) <= 0.5
+
+    @settings(max_examples=40)
+    @given(strategies.cases(dtypes=("float64",)) | strategies.hard_cases(dtypes=("float64",)))
+    def test_float64_is_inside_the_float64_sumsq_bound(self, case):
+        # E[x^2] - E[x]^2 across ranks: the float64 two-pass bound does not apply
+        assert_sync_batch_norm_close(_reference(case), case, param_grads="local",
+                                     model=ErrorModel("float64", "sumsq"))
+
+
+class TestLowPrecisionArithmetic:
+    """Emulated float32 implementations against the model of their own arithmetic."""
+
+    @pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (1000.0, 2.0), (1e4, 1.0)])
+    def test_float32_two_pass_is_inside_the_float32_two_pass_bound(self, mean, std):
+        case = _mean_std_case(mean, std)
+        actual = run_candidate(lowprec_candidate("float32", "two_pass"), case)
+        assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "two_pass"))
+
+    def test_float32_sumsq_is_inside_the_float32_sumsq_bound(self):
+        case = _mean_std_case(1000.0, 2.0)
+        actual = run_candidate(lowprec_candidate("float32", "sumsq"), case)
+        checks = assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "sumsq"))
+        # the (|mean|/std)^2 term is real: the measured error is of the bound's order
+        assert _worst(checks, "running_var") > 1e-3
+
+    def test_float32_sumsq_breaks_the_two_pass_bound_on_mean_1000_std_2(self):
+        case = _mean_std_case(1000.0, 2.0)
+        actual = run_candidate(lowprec_candidate("float32", "sumsq"), case)
+        with pytest.raises(AssertionError, match=r"rank \d, running_var, channel \d") as info:
+            assert_sync_batch_norm_close(actual, case)
+        assert "x the bound" in str(info.value)
+
+    def test_float32_two_pass_breaks_the_float64_bound(self):
+        case = _mean_std_case(1000.0, 2.0)
+        actual = run_candidate(lowprec_candidate("float32", "two_pass"), case)
+        with pytest.raises(AssertionError):
+            assert_sync_batch_norm_close(actual, case, model=ErrorModel("float64"))
+
+    def test_cancellation_amplifies_the_sumsq_bound_quadratically(self):
+        def bound(mean):
+            case = _mean_std_case(mean, 1.0)
+            return ErrorModel(variance="sumsq").bounds(case)[0]["running_var"][0]
+
+        ratio = bound(1000.0) / bound(100.0)
+        assert 50 < ratio < 200  # (1000/100)^2 = 100
+
+
+class TestAssertionMessages:
+    def setup_method(self):
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((6, 3, 2))
+        self.case = Case(x=x, running_mean=np.zeros(3), running_var=np.ones(3), splits=(2, 4),
+                         data_format="NCL", weight=np.ones(3), bias=np.zeros(3),
+                         dy=rng.standard_normal(x.shape))
+        self.good = expected_outputs(self.case)
+
+    def test_exact_outputs_pass(self):
+        checks = assert_sync_batch_norm_close(self.good, self.case)
+        assert len(checks) == 2 * 6 and _worst(checks) == 0
+
+    def test_names_rank_quantity_channel_and_ratio(self):
+        bad = [dict(o) for o in self.good]
+        bad[1]["dx"] = bad[1]["dx"].copy()
+        bad[1]["dx"][3, 2, 1] += 1e-2
+        with pytest.raises(AssertionError) as info:
+            assert_sync_batch_norm_close(bad, self.case)
+        text = str(info.value)
+        assert "1 of 12 output(s)" in text
+        assert "rank 1, dx, channel 2: |error| 0.01 at index (3, 2, 1)" in text
+
+    def test_reports_missing_output_wrong_shape_and_nan(self):
+        bad = [dict(o) for o in self.good]
+        del bad[0]["dbias"]
+        bad[0]["dweight"] = np.zeros(4)
+        bad[1]["y"] = np.full_like(bad[1]["y"], np.nan)
+        with pytest.raises(AssertionError) as info:
+            assert_sync_batch_norm_close(bad, self.case)
+        text = str(info.value)
+        assert "rank 0, dbias: missing" in text
+        assert "rank 0, dweight: shape (4,), expected (3,)" in text
+        assert "rank 1, y, channel 0: nan at index (0, 0, 0) where" in text
+
+    @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
+                                "ignore:invalid value:RuntimeWarning")
+    def test_nan_expected_must_be_nan(self):
+        x = np.ones((4, 1))
+        case = Case(x=x, running_mean=np.zeros(1), running_var=np.ones(1), splits=(2, 2),
+                    data_format="NC", eps=0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            expected = expected_outputs(case)
+        assert np.isnan(expected[0]["y"]).all()
+        assert_sync_batch_norm_close(_reference(case), case)
+        finite = [dict(o, y=np.zeros_like(o["y"])) for o in expected]
+        with pytest.raises(AssertionError, match="where nan is expected"):
+            assert_sync_batch_norm_close(finite, case)
+
+    def test_wrong_number_of_ranks(self):
+        with pytest.raises(AssertionError, match="outputs of 1 rank"):
+            assert_sync_batch_norm_close(self.good[:1], self.case)
+
+    def test_compare_outputs_reports_every_quantity(self):
+        bounds = ErrorModel().bounds(self.case, self.good)
+        checks = compare_outputs(self.good, self.good, bounds, data_format="NCL")
+        assert {(c.rank, c.quantity) for c in checks} == {
+            (r, k) for r in (0, 1)
+            for k in ("y", "dx", "dweight", "dbias", "running_mean", "running_var")}
