@@ -24,11 +24,12 @@ can be restricted by a parameter.
     corrections undefined). Excludes the ``torch`` convention, which raises
     there, unless ``conventions`` names it.
 ``"float16_overflow"``
-    float16 values of magnitude ~300, whose squares (and sums) overflow
-    float16: only a wider accumulator gets them right.
+    float16 values of magnitude 256 to ~450: every square (so every sum of
+    squares) overflows float16; only a wider accumulator gets them right.
 ``"huge_count"``
-    4096 to 16384 elements per channel (one or two channels), enough to
-    stall a float16 running sum.
+    4096 to 16384 elements per channel in every group (one or two
+    channels; fewer valid ones with a mask), enough to stall a float16
+    running sum.
 
 Array values come from a NumPy generator seeded by a drawn integer, so
 examples are cheap; hypothesis still shrinks shapes, splits and groups.
@@ -171,7 +172,8 @@ def hard_cases(**kwargs):
     """Strategy mixing every regime of :data:`HARD_REGIMES` (same parameters as :func:`cases`).
 
     A regime the chosen ``dtypes`` cannot express (``"float16_overflow"``
-    without float16) is left out.
+    without float16) is left out, and ``"one_sample"`` never draws ``torch``
+    (which raises there; ask :func:`cases` for those explicitly).
 
     Examples
     --------
@@ -183,8 +185,17 @@ def hard_cases(**kwargs):
     >>> check()
     """
     dtypes = kwargs.get("dtypes", DTYPES)
-    return st.one_of([cases(regime=r, **kwargs) for r in HARD_REGIMES
-                      if r != "float16_overflow" or "float16" in dtypes])
+    names = kwargs.pop("conventions", None) or list(CONVENTIONS)
+    single = [c for c in names if c != "torch"]
+    chosen = []
+    for r in HARD_REGIMES:
+        if r == "float16_overflow" and "float16" not in dtypes:
+            continue
+        if r == "one_sample" and not single:
+            continue
+        chosen.append(cases(regime=r, conventions=single if r == "one_sample" else names,
+                            **kwargs))
+    return st.one_of(chosen)
 
 
 def _check_choice(name, values, allowed):
@@ -234,7 +245,7 @@ def _cases(draw, *, regime, world_sizes, data_formats, dtypes, conventions, affi
         total = draw(st.integers(4096, 16384))
         shares = draw(st.lists(st.integers(0 if empty_ranks else 1, 8),
                                min_size=world, max_size=world))
-        splits = _spread(-(-total // inner), shares, splits)
+        splits = _spread(-(-total // inner), shares, splits, members)
 
     shape = [sum(splits), *spatial]
     shape.insert(layout.channel_axis, c)
@@ -280,10 +291,16 @@ def _splits(draw, world, members, regime, empty_ranks, max_local_batch, min_samp
     return splits
 
 
-def _spread(samples, shares, floor):
-    """At least ``samples`` samples shared out in proportion to ``shares``, over ``floor``."""
-    total_share = sum(shares) or 1
-    return [f + -(-samples * s // total_share) for f, s in zip(floor, shares, strict=True)]
+def _spread(samples, shares, floor, members):
+    """``floor`` plus at least ``samples`` samples per group, in proportion to ``shares``."""
+    out = list(floor)
+    for group in members:
+        weights = [shares[r] for r in group]
+        if not any(weights):
+            weights[0] = 1
+        for r, s in zip(group, weights, strict=True):
+            out[r] += -(-samples * s // sum(weights))
+    return out
 
 
 def _channel_moments(draw, regime, c, eps):
@@ -298,20 +315,27 @@ def _channel_moments(draw, regime, c, eps):
     if regime == "tiny_variance":
         return floats(-2.0, 2.0), math.sqrt(eps) * 10.0 ** floats(-3.0, 0.0)
     if regime == "float16_overflow":
-        return signs * floats(200.0, 400.0), floats(1.0, 30.0)
+        return signs * floats(256.0, 400.0), floats(1.0, 20.0)
     if regime == "huge_count":
         return signs * floats(1.0, 10.0), floats(0.1, 2.0)
     return floats(-10.0, 10.0), floats(0.1, 10.0)
 
 
 def _values(draw, rng, regime, shape, axis, loc, scale):
-    """Float64 data of ``shape``: normal per channel, or small integers ("generic")."""
+    """Float64 data of ``shape``: normal per channel, or small integers ("generic").
+
+    ``"float16_overflow"`` pushes the values away from 0 (``loc + scale |z|``
+    with the sign of ``loc``), so that ``|x| >= |loc| >= 256``.
+    """
     bshape = [1] * len(shape)
     bshape[axis] = -1
     loc, scale = loc.reshape(bshape), scale.reshape(bshape)
+    z = rng.standard_normal(shape)
     if regime == "generic" and draw(st.booleans()):
         return np.round(loc) + rng.integers(-3, 4, size=shape)
-    return loc + scale * rng.standard_normal(shape)
+    if regime == "float16_overflow":
+        return loc + np.sign(loc) * scale * np.abs(z)
+    return loc + scale * z
 
 
 def _ensure_valid(valid, splits, members, min_count):
