@@ -141,7 +141,7 @@ def _agreed_read(comm, path):
     """Read the case on every rank; if any rank fails, every rank raises (no rank waits)."""
     try:
         case, error = read_case(path), None
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after the group agreed
+    except Exception as exc:  # re-raised below, after the group agreed
         case, error = None, exc
     flags = np.zeros(comm.size, dtype=np.int64)
     flags[comm.rank] = error is not None

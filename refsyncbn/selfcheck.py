@@ -275,7 +275,7 @@ def _report(cases, table, where, seed, wall) -> str:
         colls = f"{int(np.max(table[:, i, 2]))} int+{int(np.max(table[:, i, 3]))} flt"
         lines.append(f"{i:>4}  {case.data_format:<6} {case.convention:<10} "
                      f"{case.x.dtype.name:<7} {mode:<10} {groups:<22} "
-                     f"{str(list(case.splits)):<22} {colls:<13} {err:>8.3g}  "
+                     f"{list(case.splits)!s:<22} {colls:<13} {err:>8.3g}  "
                      f"{RESULT_KEYS[int(row[1])]:<12} {'ok' if ok else 'FAIL'}")
     errs = np.max(table[:, :, 0], axis=0)
     failed = int(np.sum(~(errs <= 1.0)))
