@@ -1,0 +1,358 @@
+"""``python -m refsyncbn bench``: time forward, backward and a full step against baselines.
+
+Launch under ``mpiexec -n K python -m mpi4py -m refsyncbn bench ...`` (or
+``scripts/bench_syncbn.py``) to time K ranks; without a launcher it runs one
+process. For every case (data format, global shape, dtype) each rank times its
+shard of the global batch and reports, median of ``--repeat`` steps after
+``--warmup`` steps:
+
+* ``forward_ms``, ``backward_ms``, ``step_ms`` (slowest rank per repetition);
+* ``collective_ms`` (time inside ``allreduce_sum``), the collectives per pass
+  (``data``: packed float64 buffers; ``agree``: the tiny int64 agreement
+  table) and the bytes each pass all-reduces;
+* ``peak_bytes``: tracemalloc peak of one untimed step, beyond its inputs;
+* baselines timed in the same run: ``copy_ms``, ``np.copyto`` of the local
+  tensor, from which ``bound_ms = 3 * copy_ms`` is the memory-traffic bound of a
+  step (forward reads x twice and writes y, backward reads x and dy and writes
+  dx: 6 tensor passes, a copy is 2); ``torch_ms``, torch CPU ``F.batch_norm``
+  forward plus autograd backward on the same local tensors, 1 thread (when
+  torch is installed); ``single_ms``, rank 0 running the whole global batch in
+  one process, for ``scaling = step_ms / single_ms`` (K > 1 only).
+
+Results go to ``--json`` and ``--markdown`` (a table), ``--plot`` draws a PNG
+(needs matplotlib). BLAS threads are limited to ``--threads`` with threadpoolctl
+when it is installed (the JSON says whether).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import tracemalloc
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from .comm.mpi import default_comm
+from .functional import backward, forward
+from .layouts import DATA_FORMATS, get_layout
+
+__all__ = ["add_arguments", "main", "parse_case"]
+
+DEFAULT_CASES = ("NCHW:32x64x56x56", "NCHW:256x256x14x14", "NC:64x1024")
+RESULT_KEYS = ("data_format", "shape", "dtype", "world_size", "local_shape", "forward_ms",
+               "backward_ms", "step_ms", "collective_ms", "collectives", "bytes_per_pass",
+               "peak_bytes", "copy_ms", "bound_ms", "ratio_to_bound", "torch_ms",
+               "ratio_to_torch", "single_ms", "scaling")
+
+
+def parse_case(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"NCHW:32x64x56x56"`` -> ``("NCHW", (32, 64, 56, 56))`` (shape in that layout).
+
+    Examples
+    --------
+    >>> parse_case("NHWC:8x4x4x3")
+    ('NHWC', (8, 4, 4, 3))
+    """
+    fmt, _, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if fmt not in DATA_FORMATS or len(shape) != get_layout(fmt).ndim or min(shape) < 1:
+        msg = (f"--case is {text!r}; expected FORMAT:DIMS with FORMAT one of "
+               f"{', '.join(DATA_FORMATS)} and as many positive DIMS as FORMAT has axes, "
+               f"e.g. NCHW:32x64x56x56")
+        raise argparse.ArgumentTypeError(msg)
+    return fmt, shape
+
+
+def add_arguments(parser) -> None:
+    """Options of the ``bench`` subcommand."""
+    parser.add_argument("--case", dest="cases", action="append", type=parse_case,
+                        metavar="FORMAT:DIMS",
+                        help=f"global shape in the format's own layout (repeatable; default "
+                             f"{' '.join(DEFAULT_CASES)})")
+    parser.add_argument("--dtype", dest="dtypes", action="append",
+                        choices=("float32", "float64"), help="repeatable; default float32")
+    parser.add_argument("--repeat", type=int, default=11, help="timed steps (median; default 11)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS and torch threads (default 1)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
+    parser.add_argument("--no-single", action="store_true",
+                        help="skip the single-process full-batch run")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class _Counting:
+    """A Communicator that counts, times and sizes the all-reduces of another."""
+
+    def __init__(self, comm):
+        self._comm = comm
+        self.rank, self.size = comm.rank, comm.size
+        self.reset()
+
+    def reset(self):
+        self.calls = {"data": 0, "agree": 0}
+        self.bytes = {"data": 0, "agree": 0}
+        self.seconds = 0.0
+
+    def allreduce_sum(self, buf, /, *, xp):
+        kind = "agree" if "int" in str(buf.dtype) else "data"
+        self.calls[kind] += 1
+        self.bytes[kind] += int(buf.size) * buf.dtype.itemsize
+        start = time.perf_counter()
+        out = self._comm.allreduce_sum(buf, xp=xp)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def split(self, color, key):
+        return self._comm.split(color, key)
+
+
+def _local_count(n: int, size: int, rank: int) -> int:
+    return n // size + (rank < n % size)
+
+
+def _inputs(fmt, shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    c = get_layout(fmt).channels(shape)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    return x, dy, np.ones(c, dtype), np.zeros(c, dtype)
+
+
+def _step(x, dy, w, b, fmt, comm):
+    res = forward(x, w, b, data_format=fmt, comm=comm)
+    t1 = time.perf_counter()
+    backward(dy, res.saved)
+    return t1
+
+
+def _time_ours(x, dy, w, b, fmt, comm, counting, args):
+    """Per-repetition (forward, backward) seconds, slowest rank; plus collective stats."""
+    for _ in range(args.warmup):
+        _step(x, dy, w, b, fmt, counting)
+    times = np.zeros((comm.size, args.repeat, 3))
+    for i in range(args.repeat):
+        _barrier(comm)
+        counting.reset()
+        t0 = time.perf_counter()
+        t1 = _step(x, dy, w, b, fmt, counting)
+        times[comm.rank, i] = (t1 - t0, time.perf_counter() - t1, counting.seconds)
+    times = comm.allreduce_sum(times.reshape(-1), xp=np).reshape(times.shape).max(axis=0)
+    counting.reset()
+    res = forward(x, w, b, data_format=fmt, comm=counting)
+    per_pass = {"forward": dict(counting.calls)}
+    nbytes = {"forward": dict(counting.bytes)}
+    counting.reset()
+    backward(dy, res.saved)
+    per_pass["backward"], nbytes["backward"] = dict(counting.calls), dict(counting.bytes)
+    return times, per_pass, nbytes
+
+
+def _barrier(comm):
+    if comm.size > 1:
+        comm.allreduce_sum(np.zeros(1, np.int64), xp=np)
+
+
+def _median_ms(fn, repeat, warmup=1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def _peak_bytes(x, dy, w, b, fmt) -> int:
+    """tracemalloc peak of one single-process step, beyond its inputs."""
+    tracemalloc.start()
+    try:
+        _step(x, dy, w, b, fmt, None)
+        return int(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+
+
+def _torch_ms(x, dy, fmt, args):
+    """torch CPU batch_norm forward + autograd backward, or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(args.threads)
+    axis = get_layout(fmt).channel_axis
+    order = (0, axis, *[i for i in range(1, x.ndim) if i != axis])
+    xt = torch.from_numpy(x).permute(order).requires_grad_(True)  # channels_last stays strided
+    dyt = torch.from_numpy(dy).permute(order)
+    c = x.shape[axis]
+    wt = torch.ones(c, dtype=xt.dtype, requires_grad=True)
+    bt = torch.zeros(c, dtype=xt.dtype, requires_grad=True)
+
+    def step():
+        y = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True)
+        y.backward(dyt)
+        xt.grad = wt.grad = bt.grad = None
+
+    return _median_ms(step, args.repeat, args.warmup)
+
+
+def _blas_limit(threads):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext(), False
+    return threadpool_limits(limits=threads), True
+
+
+def run_case(fmt, shape, dtype, comm, args) -> dict:
+    """Time one case on every rank of ``comm``; the full result on every rank."""
+    n_local = _local_count(shape[0], comm.size, comm.rank)
+    local_shape = (n_local, *shape[1:])
+    x, dy, w, b = _inputs(fmt, local_shape, dtype, seed=comm.rank)
+    counting = _Counting(comm)
+    times, per_pass, nbytes = _time_ours(x, dy, w, b, fmt, comm, counting, args)
+    fwd, bwd, coll = (float(np.median(times[:, k])) * 1e3 for k in range(3))
+    step = float(np.median(times[:, 0] + times[:, 1])) * 1e3
+    out = np.empty_like(x)
+    copy_ms = _median_ms(lambda: np.copyto(out, x), args.repeat)
+    result = {"data_format": fmt, "shape": list(shape), "dtype": dtype,
+              "world_size": comm.size, "local_shape": list(local_shape),
+              "forward_ms": fwd, "backward_ms": bwd, "step_ms": step, "collective_ms": coll,
+              "collectives": per_pass, "bytes_per_pass": nbytes,
+              "peak_bytes": _peak_bytes(x, dy, w, b, fmt), "copy_ms": copy_ms,
+              "bound_ms": 3 * copy_ms, "ratio_to_bound": step / (3 * copy_ms),
+              "torch_ms": None, "ratio_to_torch": None, "single_ms": None, "scaling": None}
+    if not args.no_torch and comm.rank == 0:
+        result["torch_ms"] = _torch_ms(x, dy, fmt, args)
+        if result["torch_ms"] is not None:
+            result["ratio_to_torch"] = step / result["torch_ms"]
+    del x, dy, out
+    if comm.size > 1 and not args.no_single:
+        _barrier(comm)
+        if comm.rank == 0:
+            xs, dys, ws, bs = _inputs(fmt, shape, dtype, seed=0)
+            result["single_ms"] = _median_ms(lambda: _step(xs, dys, ws, bs, fmt, None),
+                                             args.repeat, args.warmup)
+            result["scaling"] = step / result["single_ms"]
+        _barrier(comm)
+    return result
+
+
+def markdown_table(results) -> str:
+    """The results as a markdown table."""
+    head = ("| format | shape | dtype | ranks | step ms | fwd ms | bwd ms | torch ms | ratio "
+            "| bound ms | ratio to bound | 1-process ms | scaling | data/agree per pass "
+            "| bytes/pass | peak MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def f(v, spec=".2f"):
+        return "n/a" if v is None else format(v, spec)
+
+    for r in results:
+        fw = r["collectives"]["forward"]
+        lines.append(
+            f"| {r['data_format']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} "
+            f"| {r['world_size']} | {f(r['step_ms'])} | {f(r['forward_ms'])} "
+            f"| {f(r['backward_ms'])} | {f(r['torch_ms'])} | {f(r['ratio_to_torch'])} "
+            f"| {f(r['bound_ms'])} | {f(r['ratio_to_bound'])} | {f(r['single_ms'])} "
+            f"| {f(r['scaling'])} | {fw['data']}/{fw['agree']} "
+            f"| {r['bytes_per_pass']['forward']['data']} | {r['peak_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path) -> None:
+    """Bar chart: ours, torch and the memory-traffic bound per case."""
+    try:
+        import matplotlib
+    except ImportError:
+        msg = "--plot needs matplotlib: pip install 'refsyncbn[plot]' (or matplotlib)"
+        raise SystemExit(msg) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['data_format']} {'x'.join(map(str, r['shape']))}\n{r['dtype']}, "
+              f"{r['world_size']} rank(s)" for r in results]
+    series = [("refsyncbn step", "step_ms"), ("torch 1 thread", "torch_ms"),
+              ("memory-traffic bound", "bound_ms")]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(results)), 4))
+    width = 0.8 / len(series)
+    for k, (name, key) in enumerate(series):
+        vals = [r[key] if r[key] is not None else math.nan for r in results]
+        ax.bar([i + k * width for i in range(len(results))], vals, width, label=name)
+    ax.set_xticks([i + width for i in range(len(results))], labels, fontsize=8)
+    ax.set_ylabel("ms per forward + backward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _progress(total, rank, disable):
+    """A tqdm bar on rank 0 when tqdm is installed; else a no-op."""
+    if rank != 0 or disable:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="bench", unit="case", file=sys.stderr)
+
+
+def main(args) -> int:
+    """Run the benchmark; write JSON / markdown / PNG on rank 0. Returns 0."""
+    comm = default_comm()
+    cases = args.cases or [parse_case(c) for c in DEFAULT_CASES]
+    dtypes = args.dtypes or ["float32"]
+    for name in ("repeat", "warmup", "threads"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            msg = f"--{name} is {getattr(args, name)}; expected a positive integer"
+            raise SystemExit(msg)
+    limit, limited = _blas_limit(args.threads)
+    bar = _progress(len(cases) * len(dtypes), comm.rank, args.no_progress)
+    results = []
+    with limit:
+        for fmt, shape in cases:
+            for dtype in dtypes:
+                results.append(run_case(fmt, shape, dtype, comm, args))
+                if bar is not None:
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    if comm.rank != 0:
+        return 0
+    meta = {"command": " ".join(sys.argv), "world_size": comm.size,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": args.threads,
+            "blas_threads_limited": limited, "torch": _torch_version(args)}
+    table = markdown_table(results)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.plot:
+        plot(results, args.plot)
+    print(table, end="")
+    return 0
+
+
+def _torch_version(args):
+    if args.no_torch:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
