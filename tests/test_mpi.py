@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -80,8 +81,16 @@ class TestFailureInjection:
         assert proc.returncode != 0, out
         assert "RuntimeError: user code failed on rank 2 before calling forward" in out, out
         assert "returned from forward" not in out, out
-        left = subprocess.run(["pgrep", "-f", token], capture_output=True, text=True)
-        assert left.stdout == "", f"orphan ranks still running: {left.stdout}"
+        deadline = time.monotonic() + 15  # the launcher's kills take a moment to land
+        while (left := _processes_with(token)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"orphan ranks still running: {left}"
+
+
+def _processes_with(token):
+    """``ps`` lines of the processes whose command line contains ``token``."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if token in line]
 
 
 def _cli_case(splits=(3, 0, 2, 4), groups=((0,), (1, 2, 3))):
