@@ -67,7 +67,7 @@ class TestPreset:
 
     def test_running_statistics_follow_momentum_and_correction(self, name):
         _, _, rm, rvs = HAND[name][:4]
-        for (res, _), rv in zip(_step(name), rvs):
+        for (res, _), rv in zip(_step(name), rvs, strict=True):
             np.testing.assert_allclose(res.running_mean, [rm], rtol=1e-15)
             np.testing.assert_allclose(res.running_var, [rv], rtol=1e-15)
 
@@ -84,7 +84,7 @@ class TestPreset:
         assert abs(res.y[0, 0] + mean / np.sqrt(var)) > 1e-3 * eps
 
     def test_default_param_grads_reduction(self, name):
-        for (_, g), dbias in zip(_step(name), HAND[name][5]):
+        for (_, g), dbias in zip(_step(name), HAND[name][5], strict=True):
             np.testing.assert_allclose(g.dbias, [dbias], rtol=1e-15)
 
 

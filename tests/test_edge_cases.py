@@ -40,7 +40,7 @@ class TestEmptyLocalBatch:
     @pytest.mark.parametrize("convention", list(CONVENTIONS))
     def test_an_empty_rank_joins_every_collective_and_contributes_zeros(self, convention):
         rng = np.random.default_rng(1)
-        x, dy = rng.normal(size=(5, 2)) + [3.0, -1.0], rng.normal(size=(5, 2))
+        x, dy = rng.normal(size=(5, 2)) + np.array([3.0, -1.0]), rng.normal(size=(5, 2))
         shards = [(x[:2], dy[:2]), (x[:0], dy[:0]), (x[2:], dy[2:])]
 
         def body(comm, shard):
@@ -53,7 +53,7 @@ class TestEmptyLocalBatch:
         # The empty rank made the same collectives as the others ...
         assert [calls for _, _, calls in with_empty] == [4, 4, 4]
         # ... and adding its zeros changed no bit of anyone's result.
-        for (res, g, _), (ref, gref, _) in zip([with_empty[0], with_empty[2]], without):
+        for (res, g, _), (ref, gref, _) in zip([with_empty[0], with_empty[2]], without, strict=True):
             np.testing.assert_array_equal(res.y, ref.y)
             np.testing.assert_array_equal(g.dx, gref.dx)
             np.testing.assert_array_equal(res.running_mean, ref.running_mean)
@@ -91,7 +91,7 @@ class TestOneValuePerChannel:
         x, dy = np.array([[2.0, -4.0]]), np.array([[0.5, 3.0]])
         out = SimulatedWorld(2).run(lambda comm, s: _train(comm, *s, convention=convention),
                                     [(x, dy), (x[:0], dy[:0])])
-        for res, g in out:
+        for res, _ in out:
             np.testing.assert_array_equal(res.saved.mean, [2.0, -4.0])
             np.testing.assert_array_equal(res.saved.var, [0.0, 0.0])
             # Batch weight in the running average, written out per convention by hand.

@@ -91,7 +91,7 @@ def _scales(case, want, group):
     c = x_all.shape[1]
     w = np.ones(c) if case.weight is None else np.abs(case.weight.astype(np.float64))
     b = np.zeros(c) if case.bias is None else np.abs(case.bias.astype(np.float64))
-    counts = [len(x) if "mask" not in s else int(s["mask"].sum()) for x, s in zip(xs, shards)]
+    counts = [len(x) if "mask" not in s else int(s["mask"].sum()) for x, s in zip(xs, shards, strict=True)]
     m = sum(counts)
     if get_convention(case.convention).weighting == "count":
         big_w = 1.0
@@ -103,7 +103,7 @@ def _scales(case, want, group):
     rm0 = np.abs(case.running_mean.astype(np.float64))
     rv0 = np.abs(case.running_var.astype(np.float64))
     out = {}
-    for r, x in zip(group, xs):
+    for r, x in zip(group, xs, strict=True):
         s = {"y": w * (1 + np.abs(x - mean) / sigma) + b, "mean": big_r, "var": big_r**2,
              "running_mean": big_r + rm0, "running_var": 2 * big_r**2 + rv0}
         if case.dy is not None:

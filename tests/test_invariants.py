@@ -10,13 +10,14 @@ inexact reference).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 from _simrun import run_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_functional import K, U64, _rows, _scales, assert_matches_oracle
+from test_functional import U64, K, _rows, _scales, assert_matches_oracle
 
 from refsyncbn import LocalComm, forward
 from refsyncbn.cases import Case
@@ -52,7 +53,7 @@ class TestPermutationInvariance:
         starts = np.cumsum([0, *case.splits])
         perm = np.concatenate([
             lo + np.array(data.draw(st.permutations(range(hi - lo))), dtype=np.intp)
-            for lo, hi in zip(starts[:-1], starts[1:])])
+            for lo, hi in itertools.pairwise(starts)])
         self._check(case, perm)
 
     @staticmethod
@@ -81,7 +82,7 @@ class TestSplitInvariance:
         world = data.draw(st.integers(1, 4))
         cuts = sorted(data.draw(st.lists(st.integers(0, n), min_size=world - 1,
                                          max_size=world - 1)))
-        splits = tuple(int(b - a) for a, b in zip([0, *cuts], [*cuts, n]))
+        splits = tuple(int(b - a) for a, b in zip([0, *cuts], [*cuts, n], strict=True))
         other = dataclasses.replace(case, splits=splits)
         got, want = run_case(other, param_grads="sum"), run_case(case, param_grads="sum")
         # Compare rank by rank on the original split: same global y/dx, same statistics.
@@ -157,7 +158,7 @@ class TestNegativeControls:
                           running_mean=case.running_mean, running_var=case.running_var,
                           data_format="NCL", convention=convention, comm=LocalComm())
             plain.append({**synced[r], "y": res.y})
-        gap = max(float(np.abs(p["y"] - s["y"]).max()) for p, s in zip(plain, synced))
+        gap = max(float(np.abs(p["y"] - s["y"]).max()) for p, s in zip(plain, synced, strict=True))
         assert gap > 0.5, f"plain per-rank BN is only {gap:.3g} away from SyncBN"
         with pytest.raises(AssertionError, match="y off by"):
             assert_matches_oracle(case, plain, want)
@@ -178,7 +179,7 @@ class TestNegativeControls:
     def test_equal_weighting_equals_count_weighting_on_even_splits(self, equal):
         count = run_case(_uneven_case("reference", splits=(4, 4)))
         other = run_case(dataclasses.replace(_uneven_case(equal, splits=(4, 4)), eps=1e-5))
-        for c, o in zip(count, other):
+        for c, o in zip(count, other, strict=True):
             np.testing.assert_allclose(o["mean"], c["mean"], rtol=1e-13)
             np.testing.assert_allclose(o["var"], c["var"], rtol=1e-12)
             np.testing.assert_allclose(o["dx"], c["dx"], rtol=1e-9, atol=1e-12)

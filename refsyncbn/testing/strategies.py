@@ -40,6 +40,7 @@ positions only.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -85,7 +86,7 @@ def _cut(perm_and_cuts) -> list[list[int]]:
     """The permutation cut before each position in ``cuts``."""
     perm, cuts = perm_and_cuts
     edges = [0, *sorted(cuts), len(perm)]
-    return [list(perm[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [list(perm[a:b]) for a, b in itertools.pairwise(edges)]
 
 
 def cases(*, regime="generic", world_sizes=(1, 2, 3, 4), data_formats=DATA_FORMATS,
