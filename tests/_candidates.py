@@ -78,6 +78,6 @@ def torch_global_candidate(x, dy, weight, bias, running_mean, running_var, *, ep
     rm, rv = torch.from_numpy(running_mean.copy()), torch.from_numpy(running_var.copy())
     y = F.batch_norm(xt, rm, rv, wt, bt, training=training, momentum=momentum, eps=eps)
     y.backward(torch.from_numpy(np.moveaxis(dy, axis, 1).copy()))
-    return {"y": np.moveaxis(y.detach().numpy(), 1, axis), "dx": np.moveaxis(xt.grad.numpy(), 1, axis),
-            "dweight": wt.grad.numpy(), "dbias": bt.grad.numpy(), "running_mean": rm.numpy(),
+    return {"y": np.moveaxis(y.detach().numpy(), 1, axis),
+            "dx": np.moveaxis(xt.grad.numpy(), 1, axis), "dweight": wt.grad.numpy(), "dbias": bt.grad.numpy(), "running_mean": rm.numpy(),
             "running_var": rv.numpy()}

@@ -1,8 +1,25 @@
 """Tools for validating SyncBatchNorm implementations against the reference."""
 
+from .checker import CheckReport, check, probe_cases, reference_candidate, write_probes
 from .oracle import expected_outputs
+from .tolerances import ErrorModel, assert_sync_batch_norm_close, compare_outputs, unit_roundoff
+from .vectors import write_vectors
 
-__all__ = ["cases", "expected_outputs", "hard_cases"]
+__all__ = [
+    "CheckReport",
+    "ErrorModel",
+    "assert_sync_batch_norm_close",
+    "cases",
+    "check",
+    "compare_outputs",
+    "expected_outputs",
+    "hard_cases",
+    "probe_cases",
+    "reference_candidate",
+    "unit_roundoff",
+    "write_probes",
+    "write_vectors",
+]
 
 _STRATEGIES = ("cases", "hard_cases")
 

@@ -184,8 +184,9 @@ def probe_cases(expect="reference") -> dict[str, Case]:
 
     Examples
     --------
-    >>> sorted(probe_cases())
-    ['cancellation', 'empty_rank', 'eps', 'eval', 'general', 'groups', 'param_grads', 'running_stats', 'weighting']
+    >>> cases = probe_cases("torch")
+    >>> len(cases), cases["eps"].eps, cases["weighting"].splits
+    (9, 0.003, (2, 6))
     """
     conv = get_convention(expect)
     if conv.name not in CONVENTIONS or CONVENTIONS[conv.name] != conv:

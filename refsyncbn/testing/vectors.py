@@ -72,8 +72,9 @@ BASES = {
 
 
 def _uniform(seed: int, n: int) -> np.ndarray:
-    """``n`` floats in [0, 1) from splitmix64 of ``seed, seed + 1, ...`` (portable)."""
-    z = (np.arange(n, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+    """The first ``n`` outputs of splitmix64 seeded with ``seed``, as floats in [0, 1)."""
+    steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = steps + np.uint64(seed)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
