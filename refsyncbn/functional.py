@@ -20,6 +20,7 @@ input on one rank raises a clear exception on every rank.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -354,9 +355,9 @@ def _validate_forward(x, weight, bias, running_mean, running_var, mask, layout, 
             return ValueError(f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
                               f"expected a bool array of shape {expected} (x without its "
                               f"channel axis)")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
+    if not (_is_real(eps) and eps >= 0):
         return ValueError(f"eps is {eps!r}; expected a float >= 0")
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+    if not (_is_real(momentum) and 0 <= momentum <= 1):
         return ValueError(f"momentum is {momentum!r}; expected a float in [0, 1]")
     if variance not in VARIANCE_ALGORITHMS:
         return ValueError(f"variance is {variance!r}; expected one of {VARIANCE_ALGORITHMS}")
@@ -373,6 +374,11 @@ def _validate_backward(dy, s, param_grads, *, xp):
     if _dtype_code(dy.dtype, xp) < 0:
         return TypeError(f"dy has dtype {dy.dtype}; expected a real floating dtype")
     return None
+
+
+def _is_real(v) -> bool:
+    """A real Python or NumPy scalar (bool excluded)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 def _dtype_code(dtype, xp) -> int:

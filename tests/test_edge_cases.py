@@ -214,6 +214,7 @@ class TestValidation:
         ({"variance": "welford"}, "variance is 'welford'; expected one of"),
         ({"eps": -1.0}, r"eps is -1.0; expected a float >= 0"),
         ({"momentum": 1.5}, r"momentum is 1.5; expected a float in \[0, 1\]"),
+        ({"eps": True}, r"eps is True; expected a float >= 0"),
         ({"mask": np.ones((4, 2), bool)}, r"mask has shape \(4, 2\).*expected a bool array "
                                           r"of shape \(4,\)"),
         ({"mask": np.ones(4)}, "mask has shape .* dtype float64; expected a bool array"),
@@ -222,6 +223,15 @@ class TestValidation:
     def test_bad_forward_argument_is_named(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             _forward_nc(np.ones((4, 2)), **kwargs)
+
+    def test_numpy_scalars_are_accepted_for_eps_and_momentum(self):
+        x = np.arange(8.0).reshape(4, 2)
+        want = _forward_nc(x, eps=1e-3, momentum=0.5, running_mean=np.zeros(2),
+                           running_var=np.ones(2))
+        got = _forward_nc(x, eps=np.float32(1e-3), momentum=np.float64(0.5),
+                          running_mean=np.zeros(2), running_var=np.ones(2))
+        np.testing.assert_allclose(got.y, want.y, rtol=1e-7)
+        np.testing.assert_array_equal(got.running_var, want.running_var)
 
     def test_integer_input_is_a_type_error(self):
         with pytest.raises(TypeError, match="x has dtype int64; expected a real floating"):

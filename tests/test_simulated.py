@@ -162,8 +162,8 @@ class TestValidateProcessGroups:
     @pytest.mark.parametrize(("groups", "match"), [
         ([[0, 4]], r"process_groups\[0\] holds rank 4; expected ranks in \[0, 4\)"),
         ([[-1]], r"holds rank -1; expected ranks in \[0, 4\)"),
-        ([[0, 1], [1, 2]], "rank 1 is in group 0 and group 1; each rank may belong to one"),
-        ([[2, 2]], "rank 2 is in group 0 and group 0"),
+        ([[0, 1], [1, 2]], "rank 1 is in group 0 and group 1; each rank may appear once only"),
+        ([[2, 2]], "rank 2 is twice in group 0"),
         ([[0], []], r"process_groups\[1\] is empty; every group needs at least one rank"),
     ])
     def test_value_errors(self, groups, match):

@@ -51,8 +51,9 @@ def validate_process_groups(process_groups, world_size: int) -> list[list[int]]:
                        f"[0, {world_size}) for a world of size {world_size}")
                 raise ValueError(msg)
             if int(rank) in seen:
-                msg = (f"process_groups: rank {rank} is in group {seen[int(rank)]} and "
-                       f"group {g}; each rank may belong to one group only")
+                where = (f"twice in group {g}" if seen[int(rank)] == g
+                         else f"in group {seen[int(rank)]} and group {g}")
+                msg = f"process_groups: rank {rank} is {where}; each rank may appear once only"
                 raise ValueError(msg)
             seen[int(rank)] = g
     return [[int(r) for r in group] for group in process_groups]
