@@ -31,9 +31,9 @@ def is_cupy_array(x) -> bool:
 
 
 def to_numpy(x) -> np.ndarray:
-    """Host (NumPy) copy of ``x``, from any namespace or device."""
+    """``x`` on the host as NumPy (a view when it already lives there; maybe read-only)."""
     if isinstance(x, np.ndarray):
         return x
     if is_cupy_array(x):
         return x.get()
-    return np.asarray(array_api_compat.to_device(x, "cpu"))
+    return np.from_dlpack(x, device="cpu")

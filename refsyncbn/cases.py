@@ -113,8 +113,16 @@ def read_case(path) -> Case:
         Naming the key that is missing or wrong.
     """
     path = Path(path)
-    with np.load(path, allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        msg = f"{path}: not a readable .npz case file ({exc})"
+        raise ValueError(msg) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        msg = f"{path}: holds a single array; expected an .npz archive with key 'schema'"
+        raise ValueError(msg)
+    with loaded:
+        data = {k: loaded[k] for k in loaded.files}
     schema = str(data.pop("schema", ""))
     if schema != SCHEMA:
         msg = f"{path}: key 'schema' is {schema!r}; expected {SCHEMA!r}"
@@ -195,7 +203,11 @@ def _check(case: Case) -> None:
                f"sizes summing to x.shape[0] = {case.x.shape[0]}")
         raise ValueError(msg)
     if case.groups is not None:
-        covered = sorted(r for g in validate_process_groups(case.groups, case.world_size) for r in g)
+        try:
+            groups = validate_process_groups(case.groups, case.world_size)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"key 'groups': {exc}") from None
+        covered = sorted(r for g in groups for r in g)
         if covered != list(range(case.world_size)):
             msg = (f"key 'groups' is {case.groups}; expected every rank of the world "
                    f"(0..{case.world_size - 1}) in exactly one group")

@@ -94,7 +94,7 @@ class TestCaseErrorsNameTheKey:
         ({"splits": (5, -1)}, r"key 'splits' is \[5, -1\]"),
         ({"splits": ()}, r"key 'splits' is \[\]"),
         ({"groups": [[0, 1]]}, "key 'groups' is .*every rank of the world"),
-        ({"groups": [[0, 1], [1, 2]]}, "rank 1 is in group 0 and group 1"),
+        ({"groups": [[0, 1], [1, 2]]}, "key 'groups': .*rank 1 is in group 0 and group 1"),
     ])
     def test_constructor(self, changes, match):
         with pytest.raises(ValueError, match=match):
@@ -124,6 +124,18 @@ class TestCaseErrorsNameTheKey:
         with pytest.raises(ValueError, match=match) as info:
             read_case(path)
         assert str(path) in str(info.value)  # says which file
+
+    def test_reader_names_the_file_when_it_is_not_an_npz_archive(self, tmp_path):
+        single, garbage = tmp_path / "single.npz", tmp_path / "garbage.npz"
+        np.save(tmp_path / "single.npy", np.ones(3))
+        (tmp_path / "single.npy").rename(single)
+        garbage.write_text("not a zip file")
+        with pytest.raises(ValueError, match="holds a single array; expected an .npz archive"):
+            read_case(single)
+        with pytest.raises(ValueError, match=f"{garbage}: not a readable .npz case file"):
+            read_case(garbage)
+        with pytest.raises(ValueError, match="not a readable .npz case file"):
+            read_case(tmp_path / "missing.npz")
 
     def test_reader_accepts_what_the_writer_writes(self, tmp_path):
         path = self._write(tmp_path / "ok.npz")

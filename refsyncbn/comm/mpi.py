@@ -55,7 +55,7 @@ import warnings
 
 import numpy as np
 
-from .._xp import device_of, is_cupy_array
+from .._xp import device_of, is_cupy_array, to_numpy
 
 __all__ = ["CUDA_AWARE_ENV", "HostStagingWarning", "MPIComm", "default_comm",
            "launched_by_mpiexec"]
@@ -167,7 +167,8 @@ class MPIComm:
                 return self._reduce(buf, xp=xp)
             if os.environ.get(CUDA_AWARE_ENV) is None:
                 _warn_staging()
-        return xp.asarray(self._reduce(_to_host(buf), xp=np), device=device_of(buf))
+        host = np.array(to_numpy(buf))  # a writable copy: integer buffers reduce in place
+        return xp.asarray(self._reduce(host, xp=np), device=device_of(buf))
 
     def _reduce(self, buf, *, xp):
         """The one collective on a buffer MPI can read (host, or device when CUDA-aware)."""
@@ -206,13 +207,6 @@ def _buffer_dtype(buf) -> np.dtype:
     if isinstance(buf, np.ndarray) or is_cupy_array(buf):
         return buf.dtype
     return np.dtype(buf.__cuda_array_interface__["typestr"])
-
-
-def _to_host(buf) -> np.ndarray:
-    """Writable NumPy copy of a CuPy array or of any DLPack exporter on any device."""
-    if is_cupy_array(buf):
-        return buf.get()
-    return np.array(np.from_dlpack(buf, device="cpu"), copy=True)
 
 
 def _warn_staging() -> None:
