@@ -72,6 +72,19 @@ class TestReferenceInsideItsBound:
                                      model=ErrorModel("float64", "sumsq"))
 
 
+    def test_a_constant_channel_gets_no_nan_bound(self):
+        # var = 0 with |mean| = 1e4: the variance error dwarfs eps, so the model
+        # promises nothing for x_hat = 0 * inf; that must read as inf, not NaN
+        # (found by hypothesis through the README example).
+        f16 = np.float16
+        case = Case(x=np.full((2, 1), -1e4, f16), running_mean=np.full(1, -1e4, f16),
+                    running_var=np.full(1, 0.525, f16), splits=(2,), data_format="NC",
+                    convention="torch", momentum=0.1, dy=np.array([[-0.5356], [0.3616]], f16))
+        bounds = ErrorModel("float32").bounds(case)
+        assert not any(np.isnan(v).any() for res in bounds for v in res.values() if v is not None)
+        assert_sync_batch_norm_close(_reference(case), case, param_grads="local")
+
+
 class TestLowPrecisionArithmetic:
     """Emulated float32 implementations against the model of their own arithmetic."""
 

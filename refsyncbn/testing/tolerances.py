@@ -247,7 +247,10 @@ class ErrorModel:
                 self._group_bounds(case, conv, pg, group, expected, out, axis=axis, u=u,
                                    u_out=u_out, tiny_out=tiny_out, u_rs=u_rs, tiny_rs=tiny_rs,
                                    w=w, b=b)
-        return out
+        # 0 * inf (an exact zero times a term the model cannot bound) is NaN:
+        # it means "no promise", like inf.
+        return [{k: None if v is None else np.where(np.isnan(v), np.inf, v)
+                 for k, v in res.items()} for res in out]
 
     def _group_bounds(self, case, conv, pg, group, expected, out, *, axis, u, u_out, tiny_out,
                       u_rs, tiny_rs, w, b):
