@@ -159,7 +159,7 @@ class SimulatedWorld:
             comm = _SimComm(top, rank)
             try:
                 results[rank] = fn(comm) if shards is None else fn(comm, shards[rank])
-            except BaseException as exc:  # noqa: BLE001 - reported by run()
+            except BaseException as exc:  # reported by run(), with every rank's
                 errors[rank] = exc
                 world.abort()
 

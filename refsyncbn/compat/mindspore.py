@@ -162,9 +162,9 @@ def _initial_values(name, init, c):
         if key in ("ones", "zeros"):
             return np.full(c, 1.0 if key == "ones" else 0.0, dtype=np.float32)
         if key == "normal":
-            return np.random.normal(0.0, 0.01, c).astype(np.float32)
+            return np.random.normal(0.0, 0.01, c).astype(np.float32)  # noqa: NPY002 (global seed, like mindspore.set_seed)
         if key == "uniform":
-            return np.random.uniform(-0.07, 0.07, c).astype(np.float32)
+            return np.random.uniform(-0.07, 0.07, c).astype(np.float32)  # noqa: NPY002
         if key in _FAN_INITS:
             msg = (f"{name} is {init!r}: its fan_in and fan_out can not be computed for a "
                    f"parameter with fewer than 2 dimensions (shape ({c},)), as in MindSpore")

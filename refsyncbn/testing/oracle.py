@@ -78,7 +78,7 @@ def expected_outputs(case, *, param_grads=None) -> list[dict]:
         else:
             mean, var = rm0, rv0
         invstd = 1.0 / np.sqrt(var + case.eps)
-        for r, x, om, n, shard in zip(group, xs, omega, counts, shards, strict=True):
+        for r, x, n, shard in zip(group, xs, counts, shards, strict=True):
             xhat = (x - mean) * invstd
             res = {"mean": mean, "var": var, "y": _unrows(xhat * w + b, shard["x"].shape, axis)}
             res.update(_running(conv, case, rm0, rv0, mean, var, m, n))
