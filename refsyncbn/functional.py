@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _moments
 from ._xp import namespace
+from .comm.agreement import agree
 from .comm.local import LocalComm
 from .conventions import REFERENCE, Convention, get_convention
 from .layouts import DATA_FORMATS, Layout, get_layout
@@ -168,7 +169,7 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
                      "weighting": _index(("count", "equal"), conv.weighting)}
         if error is None:
             signature.update(channels=layout.channels(x.shape), dtype=_dtype_code(x.dtype, xp))
-        _agree(comm, "forward", error, signature)
+        agree(comm, "forward", error, signature, _describe)
     elif error is not None:
         raise error
 
@@ -240,7 +241,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
     if (s.training or pg != "local") and s.comm.size > 1:
         signature = {"channels": s.layout.channels(s.shape), "training": int(s.training),
                      "param_grads": _index(_PARAM_GRADS, pg), "affine": int(affine)}
-        _agree(s.comm, "backward", error, signature)
+        agree(s.comm, "backward", error, signature, _describe)
     elif error is not None:
         raise error
 
@@ -401,34 +402,3 @@ def _describe(field, code) -> str:
              "weighting": ("count", "equal"), "param_grads": _PARAM_GRADS,
              "training": ("False", "True"), "affine": ("False", "True")}[field]
     return f"{field} {names[code] if 0 <= code < len(names) else 'unsupported'}"
-
-
-def _agree(comm, where, error, signature: dict):
-    """Share every rank's validation outcome and call signature; raise on all ranks.
-
-    One all-reduce of a small int64 table (a row per rank) on the host: each
-    rank learns which ranks failed and what the others passed, so every rank
-    raises the same diagnosis instead of waiting in a collective forever.
-    """
-    fields = list(signature)
-    table = np.zeros((comm.size, len(fields) + 1), dtype=np.int64)
-    table[comm.rank] = [error is not None, *signature.values()]
-    table = comm.allreduce_sum(table.reshape(-1), xp=np).reshape(comm.size, -1)
-    if error is not None:
-        raise error
-    if not table[0, 0] and (table == table[0]).all():
-        return  # the common case, one vectorized test: no failure, equal signatures
-    failed = [int(r) for r in np.flatnonzero(table[:, 0])]
-    if failed:
-        msg = (f"{where}: rank(s) {failed} of the group rejected their own inputs (their "
-               f"exceptions say why); rank {comm.rank}'s inputs were valid")
-        raise ValueError(msg)
-    for j, field in enumerate(fields, start=1):
-        col = table[:, j]
-        odd = np.flatnonzero(col != col[0])
-        if odd.size:
-            r = int(odd[0])
-            msg = (f"{where}: rank {r} passed {_describe(field, int(col[r]))}, "
-                   f"rank 0 passed {_describe(field, int(col[0]))}; every rank of the group "
-                   f"must agree")
-            raise ValueError(msg)

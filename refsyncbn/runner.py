@@ -15,6 +15,7 @@ import numpy as np
 
 from .cases import read_case, write_result
 from .comm import RankError, SimulatedWorld, default_comm, group_comm, launched_by_mpiexec
+from .comm.agreement import agree
 from .comm.simulated import PeerAborted
 from .functional import backward, forward
 
@@ -141,14 +142,7 @@ def _agreed_read(comm, path):
     """Read the case on every rank; if any rank fails, every rank raises (no rank waits)."""
     try:
         case, error = read_case(path), None
-    except Exception as exc:  # re-raised below, after the group agreed
+    except Exception as exc:  # re-raised by agree(), after the group learned of it
         case, error = None, exc
-    flags = np.zeros(comm.size, dtype=np.int64)
-    flags[comm.rank] = error is not None
-    failed = [int(r) for r in np.flatnonzero(comm.allreduce_sum(flags, xp=np))]
-    if error is not None:
-        raise error
-    if failed:
-        msg = f"rank(s) {failed} could not read {path} (their messages say why)"
-        raise ValueError(msg)
+    agree(comm, f"reading {path}", error)
     return case
