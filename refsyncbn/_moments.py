@@ -27,6 +27,8 @@ generic code, which defines how they propagate.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = [
@@ -142,24 +144,55 @@ def _blocks(n: int, width: int, multiple: int = 1) -> list:
 
 
 def _col_blocks(a: int, k: int) -> list:
-    """``(lo, hi, g)``: rows ``lo:hi`` of an ``(a, k)`` matrix seen as ``(-1, g * k)``."""
-    g = -(-_MIN_WIDTH // k)
-    full = a - a % g
-    return ([(lo, hi, g) for lo, hi in _blocks(full, k, g)]
-            + [(full + lo, full + hi, 1) for lo, hi in _blocks(a - full, k)])
+    """``(rows, cols, g)`` blocks of an ``(a, k)`` matrix (see :func:`_view`).
+
+    A narrow matrix (``k < _MIN_WIDTH``) is widened, ``g`` rows side by side
+    (and a tail with ``g = 1``); a wide one is cut into column chunks so that
+    the coefficient rows of a chunk stay in cache.
+    """
+    if k < _MIN_WIDTH:
+        g = -(-_MIN_WIDTH // k)
+        full = a - a % g
+        return ([(slice(lo, hi), slice(0, k), g) for lo, hi in _blocks(full, k, g)]
+                + [(slice(full + lo, full + hi), slice(0, k), 1)
+                   for lo, hi in _blocks(a - full, k)])
+    width = min(k, _BLOCK)
+    return [(slice(lo, hi), slice(k0, min(k0 + width, k)), 1)
+            for k0 in range(0, k, width) for lo, hi in _blocks(a, width)]
 
 
-def _buffers(count: int, shape) -> list:
-    return [np.empty(shape) for _ in range(count)]
+def _view(m, rows, cols, g):
+    """Block ``m[rows, cols]`` of a 2-D matrix, ``g`` rows side by side."""
+    blk = m[rows, cols]
+    return blk.reshape(-1, g * blk.shape[1]) if g > 1 else blk
+
+
+def _wide(row, cols, g):
+    """The coefficient row of a block: ``row[cols]`` repeated ``g`` times."""
+    return np.tile(row[cols], g) if g > 1 else row[cols]
+
+
+def _buffers(count: int, size: int) -> list:
+    return [np.empty(size) for _ in range(count)]
+
+
+def _work(buf, shape):
+    """A C-contiguous float64 array of ``shape`` in the flat buffer ``buf``."""
+    return buf[:math.prod(shape)].reshape(shape)
 
 
 def _block64(block, buf):
     """``block`` itself if float64, else its float64 copy in ``buf``."""
     if block.dtype == np.float64:
         return block
-    out = buf[:block.shape[0]]
+    out = _work(buf, block.shape)
     np.copyto(out, block)
     return out
+
+
+def _max_block(blocks, k) -> int:
+    """Elements of the largest block of :func:`_col_blocks`."""
+    return max((r.stop - r.start) * (c.stop - c.start) for r, c, _ in blocks)
 
 
 def _np_moments(x3):
@@ -168,7 +201,7 @@ def _np_moments(x3):
     if b >= _MIN_ROW:
         rows = x3.reshape(a * c, b)
         blocks = _blocks(a * c, b)
-        (buf,) = _buffers(1, (blocks[0][1], b))
+        (buf,) = _buffers(1, blocks[0][1] * b)
         ones = np.ones(b)
         s, q = np.empty(a * c), np.empty(a * c)
         for lo, hi in blocks:
@@ -180,13 +213,13 @@ def _np_moments(x3):
         k = c * b
         x2 = x3.reshape(a, k)
         s, q = np.zeros(k), np.zeros(k)
-        for lo, hi, g in _col_blocks(a, k):
-            blk = x2[lo:hi].reshape(-1, g * k)
-            buf, sq = _buffers(2, blk.shape)
-            t = _block64(blk, buf)
-            ones = np.ones(blk.shape[0])
-            s += (ones @ t).reshape(g, k).sum(axis=0)
-            q += (ones @ np.multiply(t, t, out=sq)).reshape(g, k).sum(axis=0)
+        blocks = _col_blocks(a, k)
+        buf, sq = _buffers(2, _max_block(blocks, k))
+        for rows, cols, g in blocks:
+            t = _block64(_view(x2, rows, cols, g), buf)
+            ones = np.ones(t.shape[0])
+            s[cols] += (ones @ t).reshape(g, -1).sum(axis=0)
+            q[cols] += (ones @ np.multiply(t, t, out=_work(sq, t.shape))).reshape(g, -1).sum(axis=0)
         s, q = s.reshape(c, b).sum(axis=1), q.reshape(c, b).sum(axis=1)
     return s, q - s * s / (a * b)
 
@@ -197,7 +230,7 @@ def _np_grad_sums(dy3, x3, mean):
     if b >= _MIN_ROW:
         rows, drows = x3.reshape(a * c, b), dy3.reshape(a * c, b)
         blocks = _blocks(a * c, b)
-        bx, bd = _buffers(2, (blocks[0][1], b))
+        bx, bd = _buffers(2, blocks[0][1] * b)
         ones = np.ones(b)
         sa, sb = np.empty(a * c), np.empty(a * c)
         for lo, hi in blocks:
@@ -209,13 +242,14 @@ def _np_grad_sums(dy3, x3, mean):
         k = c * b
         x2, dy2 = x3.reshape(a, k), dy3.reshape(a, k)
         sa, sb = np.zeros(k), np.zeros(k)
-        for lo, hi, g in _col_blocks(a, k):
-            blk = x2[lo:hi].reshape(-1, g * k)
-            bx, bd, prod = _buffers(3, blk.shape)
-            t, d = _block64(blk, bx), _block64(dy2[lo:hi].reshape(-1, g * k), bd)
-            ones = np.ones(blk.shape[0])
-            sa += (ones @ d).reshape(g, k).sum(axis=0)
-            sb += (ones @ np.multiply(d, t, out=prod)).reshape(g, k).sum(axis=0)
+        blocks = _col_blocks(a, k)
+        bx, bd, prod = _buffers(3, _max_block(blocks, k))
+        for rows, cols, g in blocks:
+            t = _block64(_view(x2, rows, cols, g), bx)
+            d = _block64(_view(dy2, rows, cols, g), bd)
+            ones = np.ones(t.shape[0])
+            sa[cols] += (ones @ d).reshape(g, -1).sum(axis=0)
+            sb[cols] += (ones @ np.multiply(d, t, out=_work(prod, t.shape))).reshape(g, -1).sum(axis=0)
         sa, sb = sa.reshape(c, b).sum(axis=1), sb.reshape(c, b).sum(axis=1)
     return sa, sb - mean * sa
 
@@ -230,29 +264,37 @@ def _np_affine(terms, const):
     out = np.empty_like(x3)
     if b >= _MIN_SLAB:
         blocks = _blocks(a, b)
-        bufs = _buffers(2, (blocks[0][1], b))
+        bufs = _buffers(2, blocks[0][1] * b)
         for j in range(c):
             for lo, hi in blocks:
                 _affine_block([(v[lo:hi, j], k[j]) for v, k in terms], const[j],
-                              out[lo:hi, j], [w[:hi - lo] for w in bufs])
+                              out[lo:hi, j], bufs)
         return out
     k = c * b
-    rows = {}
-    for lo, hi, g in _col_blocks(a, k):
-        if g not in rows:
-            rows[g] = [np.tile(np.repeat(v, b), g) for _, v in terms] + [
-                np.tile(np.repeat(const, b), g)]
-        view = [v.reshape(a, k)[lo:hi].reshape(-1, g * k) for v, _ in terms]
-        oblk = out.reshape(a, k)[lo:hi].reshape(-1, g * k)
-        _affine_block(list(zip(view, rows[g][:-1], strict=True)), rows[g][-1], oblk,
-                      _buffers(2, oblk.shape))
+    rows = [np.repeat(v, b) for _, v in terms] + [np.repeat(const, b)]
+    mats = [v.reshape(a, k) for v, _ in terms]
+    blocks = _col_blocks(a, k)
+    bufs = _buffers(2, _max_block(blocks, k))
+    for r, cols, g in blocks:
+        coefs = [_wide(row, cols, g) for row in rows]
+        _affine_block([(_view(m, r, cols, g), co) for m, co in zip(mats, coefs, strict=False)],
+                      coefs[-1], _view(out.reshape(a, k), r, cols, g), bufs)
     return out
 
 
 def _affine_block(terms, const, out, bufs):
-    """``out = sum coef * array + const`` on one block, float64 work ``bufs``."""
-    acc, tmp = bufs
-    np.multiply(terms[0][0], terms[0][1], out=acc)
+    """``out = sum coef * array + const`` on one block, in the flat float64 ``bufs``.
+
+    Explicit float64 copies and float64-only ufuncs: mixed-dtype ufuncs cast
+    through NumPy's buffers and run ~1.5x slower.
+    """
+    acc = _block64(terms[0][0], bufs[0])
+    np.multiply(acc, terms[0][1], out=_work(bufs[0], out.shape))
+    acc = _work(bufs[0], out.shape)
     for v, k in terms[1:]:
-        np.add(acc, np.multiply(v, k, out=tmp), out=acc)
-    np.add(acc, const, out=out, casting="same_kind")
+        tmp = _block64(v, bufs[1])
+        np.add(acc, np.multiply(tmp, k, out=_work(bufs[1], out.shape)), out=acc)
+    if out.dtype == np.float64:
+        np.add(acc, const, out=out)
+    else:
+        np.copyto(out, np.add(acc, const, out=acc), casting="same_kind")

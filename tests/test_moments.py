@@ -19,9 +19,11 @@ import pytest
 
 from refsyncbn import _moments
 
-# (A, C, B) shapes reaching each kernel: column sums with widening and a tail
-# (B < _MIN_ROW), row sums with column-block passes, row sums with slab passes.
-SHAPES = [(37, 5, 1), (9, 3, 7), (6, 4, 40), (3, 2, 1100)]
+# (A, C, B) shapes reaching each kernel: column sums and passes on widened blocks
+# with a tail (B < _MIN_ROW, C * B < _MIN_WIDTH), the same cut into column chunks
+# (C * B >= _MIN_WIDTH), row sums with widened or chunked column-block passes, row
+# sums with channel-slab passes (B >= _MIN_SLAB).
+SHAPES = [(37, 5, 1), (9, 3, 7), (7, 300, 1), (6, 4, 40), (5, 3, 100), (3, 2, 1100)]
 DTYPES = [np.float32, np.float64]
 TOL = 1e-12  # float64 arithmetic on exactly converted inputs
 
