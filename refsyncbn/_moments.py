@@ -219,7 +219,8 @@ def _np_moments(x3):
             t = _block64(_view(x2, rows, cols, g), buf)
             ones = np.ones(t.shape[0])
             s[cols] += (ones @ t).reshape(g, -1).sum(axis=0)
-            q[cols] += (ones @ np.multiply(t, t, out=_work(sq, t.shape))).reshape(g, -1).sum(axis=0)
+            tt = np.multiply(t, t, out=_work(sq, t.shape))
+            q[cols] += (ones @ tt).reshape(g, -1).sum(axis=0)
         s, q = s.reshape(c, b).sum(axis=1), q.reshape(c, b).sum(axis=1)
     return s, q - s * s / (a * b)
 
@@ -249,7 +250,8 @@ def _np_grad_sums(dy3, x3, mean):
             d = _block64(_view(dy2, rows, cols, g), bd)
             ones = np.ones(t.shape[0])
             sa[cols] += (ones @ d).reshape(g, -1).sum(axis=0)
-            sb[cols] += (ones @ np.multiply(d, t, out=_work(prod, t.shape))).reshape(g, -1).sum(axis=0)
+            dt = np.multiply(d, t, out=_work(prod, t.shape))
+            sb[cols] += (ones @ dt).reshape(g, -1).sum(axis=0)
         sa, sb = sa.reshape(c, b).sum(axis=1), sb.reshape(c, b).sum(axis=1)
     return sa, sb - mean * sa
 

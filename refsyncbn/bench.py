@@ -176,6 +176,12 @@ def _median_ms(fn, repeat, warmup=1) -> float:
     return float(np.median(times)) * 1e3
 
 
+def _copy_ms(x, repeat) -> float:
+    """Median time of ``np.copyto`` of ``x`` into an existing array."""
+    out = np.empty_like(x)
+    return _median_ms(lambda: np.copyto(out, x), repeat)
+
+
 def _peak_bytes(x, dy, w, b, fmt) -> int:
     """tracemalloc peak of one single-process step, beyond its inputs."""
     tracemalloc.start()
@@ -226,8 +232,7 @@ def run_case(fmt, shape, dtype, comm, args) -> dict:
     times, per_pass, nbytes = _time_ours(x, dy, w, b, fmt, comm, counting, args)
     fwd, bwd, coll = (float(np.median(times[:, k])) * 1e3 for k in range(3))
     step = float(np.median(times[:, 0] + times[:, 1])) * 1e3
-    out = np.empty_like(x)
-    copy_ms = _median_ms(lambda: np.copyto(out, x), args.repeat)
+    copy_ms = _copy_ms(x, args.repeat)
     result = {"data_format": fmt, "shape": list(shape), "dtype": dtype,
               "world_size": comm.size, "local_shape": list(local_shape),
               "forward_ms": fwd, "backward_ms": bwd, "step_ms": step, "collective_ms": coll,
@@ -239,7 +244,7 @@ def run_case(fmt, shape, dtype, comm, args) -> dict:
         result["torch_ms"] = _torch_ms(x, dy, fmt, args)
         if result["torch_ms"] is not None:
             result["ratio_to_torch"] = step / result["torch_ms"]
-    del x, dy, out
+    del x, dy
     if comm.size > 1 and not args.no_single:
         _barrier(comm)
         if comm.rank == 0:
@@ -278,7 +283,7 @@ def plot(results, path) -> None:
     try:
         import matplotlib
     except ImportError:
-        msg = "--plot needs matplotlib: pip install 'refsyncbn[plot]' (or matplotlib)"
+        msg = "--plot needs matplotlib: pip install 'refsyncbn[bench]' (or matplotlib)"
         raise SystemExit(msg) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -105,8 +105,8 @@ def table(rows) -> str:
     by = {(r["shift"], r["world_size"], r["batch"], r["method"]): r for r in rows}
     for sh, k, n in sorted({(r["shift"], r["world_size"], r["batch"]) for r in rows}):
         loc, syn, eq = (by[(sh, k, n, m)] for m in METHODS)
-        lines.append(f"| {sh:g} | {k} | {n} | {loc['y_rms']:.3g} | {syn['y_rms']:.1e} | {eq['y_rms']:.3g} "
-                     f"| {loc['mean_err']:.3g} | {eq['mean_err']:.3g} |")
+        lines.append(f"| {sh:g} | {k} | {n} | {loc['y_rms']:.3g} | {syn['y_rms']:.1e} "
+                     f"| {eq['y_rms']:.3g} | {loc['mean_err']:.3g} | {eq['mean_err']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +114,8 @@ def plot(rows, path):
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
+        msg = "--plot needs matplotlib: pip install 'refsyncbn[bench]' (or matplotlib)"
+        raise SystemExit(msg) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -126,7 +127,8 @@ def plot(rows, path):
         for method, style in styles.items():
             for k in sizes[1:] if method != "sync" else sizes[-1:]:  # 1 rank: all exact
                 pts = sorted((r["batch"], max(r["y_rms"], 1e-17)) for r in rows
-                             if (r["method"], r["world_size"], r["shift"]) == (method, k, shift))
+                             if (r["method"], r["world_size"], r["shift"])
+                             == (method, k, shift))
                 label = f"{method}, {k} ranks" if method != "sync" else "sync (exact), any k"
                 ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=label)
         ax.set_xscale("log", base=2)
