@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .comm.counting import CountingComm, Tally
 from .comm.mpi import default_comm
 from .functional import backward, forward
 from .layouts import DATA_FORMATS, get_layout
@@ -93,32 +94,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-class _Counting:
-    """A Communicator that counts, times and sizes the all-reduces of another."""
-
-    def __init__(self, comm):
-        self._comm = comm
-        self.rank, self.size = comm.rank, comm.size
-        self.reset()
-
-    def reset(self):
-        self.calls = {"data": 0, "agree": 0}
-        self.bytes = {"data": 0, "agree": 0}
-        self.seconds = 0.0
-
-    def allreduce_sum(self, buf, /, *, xp):
-        kind = "agree" if "int" in str(buf.dtype) else "data"
-        self.calls[kind] += 1
-        self.bytes[kind] += int(buf.size) * buf.dtype.itemsize
-        start = time.perf_counter()
-        out = self._comm.allreduce_sum(buf, xp=xp)
-        self.seconds += time.perf_counter() - start
-        return out
-
-    def split(self, color, key):
-        return self._comm.split(color, key)
-
-
 def _local_count(n: int, size: int, rank: int) -> int:
     return n // size + (rank < n % size)
 
@@ -145,18 +120,17 @@ def _time_ours(x, dy, w, b, fmt, comm, counting, args):
     times = np.zeros((comm.size, args.repeat, 3))
     for i in range(args.repeat):
         _barrier(comm)
-        counting.reset()
+        counting.tally = Tally()
         t0 = time.perf_counter()
         t1 = _step(x, dy, w, b, fmt, counting)
-        times[comm.rank, i] = (t1 - t0, time.perf_counter() - t1, counting.seconds)
+        times[comm.rank, i] = (t1 - t0, time.perf_counter() - t1, counting.tally.seconds)
     times = comm.allreduce_sum(times.reshape(-1), xp=np).reshape(times.shape).max(axis=0)
-    counting.reset()
+    counting.tally = Tally()
     res = forward(x, w, b, data_format=fmt, comm=counting)
-    per_pass = {"forward": dict(counting.calls)}
-    nbytes = {"forward": dict(counting.bytes)}
-    counting.reset()
+    per_pass, nbytes = {"forward": counting.tally.calls}, {"forward": counting.tally.bytes}
+    counting.tally = Tally()
     backward(dy, res.saved)
-    per_pass["backward"], nbytes["backward"] = dict(counting.calls), dict(counting.bytes)
+    per_pass["backward"], nbytes["backward"] = counting.tally.calls, counting.tally.bytes
     return times, per_pass, nbytes
 
 
@@ -228,7 +202,7 @@ def run_case(fmt, shape, dtype, comm, args) -> dict:
     n_local = _local_count(shape[0], comm.size, comm.rank)
     local_shape = (n_local, *shape[1:])
     x, dy, w, b = _inputs(fmt, local_shape, dtype, seed=comm.rank)
-    counting = _Counting(comm)
+    counting = CountingComm(comm)
     times, per_pass, nbytes = _time_ours(x, dy, w, b, fmt, comm, counting, args)
     fwd, bwd, coll = (float(np.median(times[:, k])) * 1e3 for k in range(3))
     step = float(np.median(times[:, 0] + times[:, 1])) * 1e3

@@ -22,6 +22,7 @@ import numpy as np
 
 from .cases import RESULT_KEYS, Case
 from .comm import SimulatedWorld, default_comm, launched_by_mpiexec
+from .comm.counting import CountingComm
 from .conventions import CONVENTIONS
 from .layouts import DATA_FORMATS, get_layout
 from .runner import run_rank
@@ -163,28 +164,6 @@ def case_error(case, rank: int, outputs: dict, expected: dict) -> tuple[float, s
     return worst
 
 
-class _Counting:
-    """A communicator that counts the all-reduces of int (agreement) and float (data) buffers."""
-
-    def __init__(self, comm, counts):
-        self._comm = comm
-        self._counts = counts
-        self.rank = comm.rank
-        self.size = comm.size
-
-    def allreduce_sum(self, buf, /, *, xp):
-        self._counts["float" if np.dtype(buf.dtype).kind == "f" else "int"] += 1
-        return self._comm.allreduce_sum(buf, xp=xp)
-
-    def split(self, color, key):
-        sub = self._comm.split(color, key)
-        return None if sub is None else _Counting(sub, self._counts)
-
-    def free(self):
-        if hasattr(self._comm, "free"):
-            self._comm.free()
-
-
 def check_rank(cases, comm) -> np.ndarray:
     """Run and check every case on this rank; the all-reduced ``(size, cases, 5)`` table.
 
@@ -194,13 +173,14 @@ def check_rank(cases, comm) -> np.ndarray:
     """
     table = np.zeros((comm.size, len(cases), _FIELDS))
     for i, case in enumerate(cases):
-        counts = {"int": 0, "float": 0}
+        counting = CountingComm(comm)
         start = time.perf_counter()
-        outputs = run_rank(case, _Counting(comm, counts))
+        outputs = run_rank(case, counting)
         seconds = time.perf_counter() - start
         expected = expected_outputs(case, param_grads="local")[comm.rank]
         err, key = case_error(case, comm.rank, outputs, expected)
-        table[comm.rank, i] = [err, RESULT_KEYS.index(key), counts["int"], counts["float"],
+        calls = counting.tally.calls
+        table[comm.rank, i] = [err, RESULT_KEYS.index(key), calls["agree"], calls["data"],
                                seconds]
     return comm.allreduce_sum(table.reshape(-1), xp=np).reshape(table.shape)
 
