@@ -202,63 +202,45 @@ def _max_block(blocks, k) -> int:
 
 def _np_moments(x3):
     """NumPy ``sum_and_m2``: float64 sums ``S``, ``Q``; ``M2 = Q - S^2 / n``."""
-    a, c, b = x3.shape
-    if b >= _MIN_ROW:
-        rows = x3.reshape(a * c, b)
-        blocks = _blocks(a * c, b)
-        (buf,) = _buffers(1, blocks[0][1] * b)
-        ones = np.ones(b)
-        s, q = np.empty(a * c), np.empty(a * c)
-        for lo, hi in blocks:
-            t = _block64(rows[lo:hi], buf)
-            np.matmul(t, ones, out=s[lo:hi])
-            np.vecdot(t, t, out=q[lo:hi])
-        s, q = s.reshape(a, c).sum(axis=0), q.reshape(a, c).sum(axis=0)
-    else:
-        k = c * b
-        x2 = x3.reshape(a, k)
-        s, q = np.zeros(k), np.zeros(k)
-        blocks = _col_blocks(a, k)
-        buf, sq = _buffers(2, _max_block(blocks, k))
-        for rows, cols, g in blocks:
-            t = _block64(_view(x2, rows, cols, g), buf)
-            ones = np.ones(t.shape[0])
-            s[cols] += (ones @ t).reshape(g, -1).sum(axis=0)
-            tt = np.multiply(t, t, out=_work(sq, t.shape))
-            q[cols] += (ones @ tt).reshape(g, -1).sum(axis=0)
-        s, q = s.reshape(c, b).sum(axis=1), q.reshape(c, b).sum(axis=1)
-    return s, q - s * s / (a * b)
+    s, q = _np_sum_and_dot(x3, x3)
+    return s, q - s * s / (x3.shape[0] * x3.shape[2])
 
 
 def _np_grad_sums(dy3, x3, mean):
     """NumPy ``grad_sums``: float64 sums ``sum dy`` and ``sum dy * x - mean * sum dy``."""
-    a, c, b = x3.shape
-    if b >= _MIN_ROW:
-        rows, drows = x3.reshape(a * c, b), dy3.reshape(a * c, b)
-        blocks = _blocks(a * c, b)
-        bx, bd = _buffers(2, blocks[0][1] * b)
-        ones = np.ones(b)
-        sa, sb = np.empty(a * c), np.empty(a * c)
-        for lo, hi in blocks:
-            t, d = _block64(rows[lo:hi], bx), _block64(drows[lo:hi], bd)
-            np.matmul(d, ones, out=sa[lo:hi])
-            np.vecdot(d, t, out=sb[lo:hi])
-        sa, sb = sa.reshape(a, c).sum(axis=0), sb.reshape(a, c).sum(axis=0)
-    else:
-        k = c * b
-        x2, dy2 = x3.reshape(a, k), dy3.reshape(a, k)
-        sa, sb = np.zeros(k), np.zeros(k)
-        blocks = _col_blocks(a, k)
-        bx, bd, prod = _buffers(3, _max_block(blocks, k))
-        for rows, cols, g in blocks:
-            t = _block64(_view(x2, rows, cols, g), bx)
-            d = _block64(_view(dy2, rows, cols, g), bd)
-            ones = np.ones(t.shape[0])
-            sa[cols] += (ones @ d).reshape(g, -1).sum(axis=0)
-            dt = np.multiply(d, t, out=_work(prod, t.shape))
-            sb[cols] += (ones @ dt).reshape(g, -1).sum(axis=0)
-        sa, sb = sa.reshape(c, b).sum(axis=1), sb.reshape(c, b).sum(axis=1)
+    sa, sb = _np_sum_and_dot(dy3, x3)
     return sa, sb - mean * sa
+
+
+def _np_sum_and_dot(u3, v3):
+    """Per channel, float64 ``(sum u, sum u * v)``; ``v3`` may be ``u3`` itself."""
+    a, c, b = u3.shape
+    same = v3 is u3
+    if b >= _MIN_ROW:
+        urows, vrows = u3.reshape(a * c, b), v3.reshape(a * c, b)
+        blocks = _blocks(a * c, b)
+        bu, bv = _buffers(2, blocks[0][1] * b)
+        ones = np.ones(b)
+        su, suv = np.empty(a * c), np.empty(a * c)
+        for lo, hi in blocks:
+            t = _block64(urows[lo:hi], bu)
+            w = t if same else _block64(vrows[lo:hi], bv)
+            np.matmul(t, ones, out=su[lo:hi])
+            np.vecdot(t, w, out=suv[lo:hi])
+        return su.reshape(a, c).sum(axis=0), suv.reshape(a, c).sum(axis=0)
+    k = c * b
+    u2, v2 = u3.reshape(a, k), v3.reshape(a, k)
+    su, suv = np.zeros(k), np.zeros(k)
+    blocks = _col_blocks(a, k)
+    bu, bv, prod = _buffers(3, _max_block(blocks, k))
+    for rows, cols, g in blocks:
+        t = _block64(_view(u2, rows, cols, g), bu)
+        w = t if same else _block64(_view(v2, rows, cols, g), bv)
+        ones = np.ones(t.shape[0])
+        su[cols] += (ones @ t).reshape(g, -1).sum(axis=0)
+        tw = np.multiply(t, w, out=_work(prod, t.shape))
+        suv[cols] += (ones @ tw).reshape(g, -1).sum(axis=0)
+    return su.reshape(c, b).sum(axis=1), suv.reshape(c, b).sum(axis=1)
 
 
 def _np_affine(terms, const):
