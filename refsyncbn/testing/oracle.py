@@ -28,6 +28,26 @@ def _unrows(rows, shape, axis):
     return np.moveaxis(rows.reshape(moved_shape), -1, axis)
 
 
+def _group_rows(case, conv, group, axis):
+    """A group's shards, their ``(rows, C)`` data, valid rows, counts, per-rank weights.
+
+    The weight of one valid element of rank ``r`` in the batch statistics is
+    ``1 / m`` (count weighting) or ``1 / (R n_r)`` over the ``R`` non-empty
+    ranks (equal weighting); 0 on an empty rank.
+    """
+    shards = [case.shard(r) for r in group]
+    xs = [_rows(s["x"], axis) for s in shards]
+    valid = [np.ones(len(x), bool) if "mask" not in s else s["mask"].reshape(-1)
+             for x, s in zip(xs, shards, strict=True)]
+    counts = [int(v.sum()) for v in valid]
+    m, nonempty = sum(counts), sum(n > 0 for n in counts)
+    if conv.weighting == "count":
+        weights = [1.0 / m if m else 0.0 for _ in counts]
+    else:
+        weights = [1.0 / (nonempty * n) if n else 0.0 for n in counts]
+    return shards, xs, valid, counts, weights
+
+
 def expected_outputs(case, *, param_grads=None) -> list[dict]:
     """Float64 outputs every world rank of ``case`` should produce.
 
@@ -57,19 +77,9 @@ def expected_outputs(case, *, param_grads=None) -> list[dict]:
     groups = case.groups or [list(range(case.world_size))]
     out: list = [None] * case.world_size
     for group in groups:
-        shards = [case.shard(r) for r in group]
-        xs = [_rows(s["x"], axis) for s in shards]
-        valid = [np.ones(len(x), bool) if "mask" not in s else s["mask"].reshape(-1)
-                 for x, s in zip(xs, shards, strict=True)]
-        counts = [int(v.sum()) for v in valid]
+        shards, xs, valid, counts, weights = _group_rows(case, conv, group, axis)
         m = sum(counts)
-        if conv.weighting == "count":
-            per_elem = [np.full(len(x), 1.0 / m) if m else np.zeros(len(x)) for x in xs]
-        else:
-            nonempty = sum(n > 0 for n in counts)
-            per_elem = [np.full(len(x), 1.0 / (nonempty * n)) if n else np.zeros(len(x))
-                        for x, n in zip(xs, counts, strict=True)]
-        omega = [p * v for p, v in zip(per_elem, valid, strict=True)]  # statistic weights
+        omega = [w * v for w, v in zip(weights, valid, strict=True)]  # statistic weights
         x_all, om_all = np.concatenate(xs), np.concatenate(omega)
         if case.training:  # masked-out positions (om = 0) may hold anything, NaN included
             x_stat = np.where(np.concatenate(valid)[:, None], x_all, 0.0)

@@ -92,7 +92,7 @@ from .._xp import to_numpy
 from ..cases import RESULT_KEYS
 from ..conventions import get_convention
 from ..layouts import get_layout
-from .oracle import _rows, _unrows, expected_outputs
+from .oracle import _group_rows, _rows, _unrows, expected_outputs
 
 __all__ = [
     "ErrorModel",
@@ -255,17 +255,8 @@ class ErrorModel:
     def _group_bounds(self, case, conv, pg, group, expected, out, *, axis, u, u_out, tiny_out,
                       u_rs, tiny_rs, w, b):
         """Fill ``out[r]`` for every rank ``r`` of ``group`` (see the module docstring)."""
-        shards = [case.shard(r) for r in group]
-        xs = [_rows(s["x"], axis) for s in shards]
-        valid = [np.ones(len(x), bool) if "mask" not in s else s["mask"].reshape(-1)
-                 for x, s in zip(xs, shards, strict=True)]
-        counts = [int(v.sum()) for v in valid]
+        shards, xs, valid, counts, omegas = _group_rows(case, conv, group, axis)
         m, positions = sum(counts), sum(len(x) for x in xs)
-        nonempty = sum(n > 0 for n in counts)
-        if conv.weighting == "count":
-            omegas = [1.0 / m if m else 0.0 for _ in counts]
-        else:
-            omegas = [1.0 / (nonempty * n) if n else 0.0 for n in counts]
         ref = expected[group[0]]
         mean, var = np.asarray(ref["mean"], np.float64), np.asarray(ref["var"], np.float64)
         zero = np.zeros_like(mean)
