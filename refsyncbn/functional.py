@@ -356,10 +356,9 @@ def _validate_forward(x, weight, bias, running_mean, running_var, mask, layout, 
             return ValueError(f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
                               f"expected a bool array of shape {expected} (x without its "
                               f"channel axis)")
-    if not (_is_real(eps) and eps >= 0):
-        return ValueError(f"eps is {eps!r}; expected a float >= 0")
-    if not (_is_real(momentum) and 0 <= momentum <= 1):
-        return ValueError(f"momentum is {momentum!r}; expected a float in [0, 1]")
+    scalar_error = eps_error(eps) or momentum_error(momentum)
+    if scalar_error is not None:
+        return scalar_error
     if variance not in VARIANCE_ALGORITHMS:
         return ValueError(f"variance is {variance!r}; expected one of {VARIANCE_ALGORITHMS}")
     return None
@@ -380,6 +379,20 @@ def _validate_backward(dy, s, param_grads, *, xp):
 def _is_real(v) -> bool:
     """A real Python or NumPy scalar (bool excluded)."""
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def eps_error(eps):
+    """The ValueError an invalid ``eps`` gets (also raised by the layers), or None."""
+    if _is_real(eps) and eps >= 0:
+        return None
+    return ValueError(f"eps is {eps!r}; expected a float >= 0")
+
+
+def momentum_error(momentum):
+    """The ValueError an invalid ``momentum`` gets (also raised by the layers), or None."""
+    if _is_real(momentum) and 0 <= momentum <= 1:
+        return None
+    return ValueError(f"momentum is {momentum!r}; expected a float in [0, 1]")
 
 
 def _dtype_code(dtype, xp) -> int:

@@ -455,13 +455,12 @@ def _walk(obj, replace, memo):
 
 
 def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        msg = f"eps is {eps!r}; expected a float >= 0"
-        raise ValueError(msg)
+    error = functional.eps_error(eps)
+    if error is not None:
+        raise error
 
 
 def _check_momentum(momentum):
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
-            or not 0 <= momentum <= 1:
-        msg = f"momentum is {momentum!r}; expected a float in [0, 1]"
-        raise ValueError(msg)
+    error = functional.momentum_error(momentum)
+    if error is not None:
+        raise error
