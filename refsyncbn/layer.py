@@ -60,12 +60,17 @@ class _BatchNormBase:
         xp = np if xp is None else xp
         dtype = xp.float32 if dtype is None else dtype
         c = self.num_features
-        ones = xp.ones(c, dtype=dtype, device=device)
-        zeros = xp.zeros(c, dtype=dtype, device=device)
-        self.weight, self.bias = (ones, zeros) if affine else (None, None)
+        def ones():
+            return xp.ones(c, dtype=dtype, device=device)
+
+        def zeros():
+            return xp.zeros(c, dtype=dtype, device=device)
+
+        # Each state array is its own allocation: setting one in place never changes another.
+        self.weight, self.bias = (ones(), zeros()) if affine else (None, None)
         self.weight_requires_grad = self.bias_requires_grad = self.affine
         if track_running_stats:
-            self.running_mean, self.running_var = zeros, ones
+            self.running_mean, self.running_var = zeros(), ones()
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
