@@ -34,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .comm.groups import validate_process_groups
+from .comm.groups import group_comm, validate_process_groups
 from .conventions import CONVENTIONS
+from .functional import backward, forward
 from .layouts import DATA_FORMATS, get_layout
 
-__all__ = ["RESULT_KEYS", "SCHEMA", "Case", "read_case", "read_result", "write_case",
+__all__ = ["RESULT_KEYS", "SCHEMA", "Case", "read_case", "read_result", "run_rank", "write_case",
            "write_result"]
 
 SCHEMA = "refsyncbn case v1"
@@ -212,3 +213,68 @@ def _check(case: Case) -> None:
             msg = (f"key 'groups' is {case.groups}; expected every rank of the world "
                    f"(0..{case.world_size - 1}) in exactly one group")
             raise ValueError(msg)
+
+
+def run_rank(case, comm) -> dict:
+    """Run ``case`` on the calling rank of ``comm``; what ``rank{r}.npz`` holds.
+
+    Collective over ``comm``, the WORLD communicator of the case (its size is
+    ``case.world_size``, its rank the world rank): every rank must call it.
+    The rank takes its slice ``case.shard(comm.rank)``, joins its group
+    (``case.groups``), runs one forward pass and, when ``case.dy`` is given,
+    one backward pass with ``param_grads="local"``.
+
+    Parameters
+    ----------
+    case : refsyncbn.cases.Case
+        The problem, the same on every rank.
+    comm : Communicator
+        World communicator (``MPIComm``, a ``SimulatedWorld`` rank, ``LocalComm``).
+
+    Returns
+    -------
+    dict
+        ``y``, ``dx``, ``dweight``, ``dbias``, ``running_mean``,
+        ``running_var`` (``None`` where absent): ``y``/``dx`` in the dtype of
+        ``x``, parameter gradients in the dtype of ``weight`` (this rank's
+        local contribution), running statistics in their own dtype.
+
+    Raises
+    ------
+    ValueError
+        On every rank, when ``comm.size != case.world_size`` or when the case
+        is rejected by :func:`refsyncbn.forward` / :func:`refsyncbn.backward`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> case = Case(x=np.arange(12.0).reshape(6, 2), running_mean=np.zeros(2),
+    ...             running_var=np.ones(2), splits=(2, 0, 4), data_format="NC")
+    >>> from refsyncbn.comm import SimulatedWorld
+    >>> outs = SimulatedWorld(3).run(lambda comm: run_rank(case, comm))
+    >>> [o["y"].shape for o in outs]
+    [(2, 2), (0, 2), (4, 2)]
+    >>> outs[1]["running_mean"]
+    array([0.5, 0.6])
+    """
+    if comm.size != case.world_size:
+        msg = (f"the case has splits for {case.world_size} ranks but the world has "
+               f"{comm.size}; run it on {case.world_size} ranks (mpiexec -n {case.world_size}, "
+               f"or --world {case.world_size})")
+        raise ValueError(msg)
+    shard = case.shard(comm.rank)
+    group = group_comm(comm, case.groups)
+    try:
+        res = forward(shard["x"], case.weight, case.bias, running_mean=case.running_mean,
+                      running_var=case.running_var, training=case.training, eps=case.eps,
+                      momentum=case.momentum, data_format=case.data_format,
+                      convention=case.convention, mask=shard.get("mask"), comm=group, xp=np)
+        out = {"y": res.y, "running_mean": res.running_mean, "running_var": res.running_var,
+               "dx": None, "dweight": None, "dbias": None}
+        if case.dy is not None:
+            grads = backward(shard["dy"], res.saved, param_grads="local")
+            out.update(dx=grads.dx, dweight=grads.dweight, dbias=grads.dbias)
+    finally:
+        if group is not comm and hasattr(group, "free"):
+            group.free()
+    return out

@@ -1,13 +1,13 @@
 """Benchmark SyncBatchNorm: ``mpiexec -n K python -m mpi4py scripts/bench_syncbn.py [options]``.
 
-A thin wrapper around ``python -m refsyncbn bench`` (:mod:`refsyncbn.bench`);
+A thin wrapper around ``python -m refsyncbn bench`` (:mod:`refsyncbn.cli.bench`);
 ``--help`` lists the options.
 """
 
 import argparse
 import sys
 
-from refsyncbn import bench
+from refsyncbn.cli import bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=bench.__doc__.splitlines()[0])

@@ -14,7 +14,7 @@ import json
 import pytest
 from _mpirun import mpirun
 
-from refsyncbn import bench
+from refsyncbn.cli import bench
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,10 +14,9 @@ from _candidates import lowprec_candidate, torch_global_candidate
 from _mpirun import mpirun
 
 from refsyncbn import SimulatedWorld
-from refsyncbn.cases import read_case, write_result
+from refsyncbn.cases import read_case, run_rank, write_result
 from refsyncbn.comm import LocalComm
 from refsyncbn.conventions import CONVENTIONS, REFERENCE, TORCH
-from refsyncbn.runner import run_rank
 from refsyncbn.testing import checker
 from refsyncbn.testing.checker import check, probe_cases, reference_candidate, write_probes
 from refsyncbn.testing.vectors import write_vectors

@@ -17,8 +17,8 @@ import pytest
 from _mpirun import ROOT, mpirun
 
 from refsyncbn.cases import Case, read_result, write_case
-from refsyncbn.runner import add_arguments as run_arguments
-from refsyncbn.runner import main as run_main
+from refsyncbn.cli.run import add_arguments as run_arguments
+from refsyncbn.cli.run import main as run_main
 from refsyncbn.testing.oracle import expected_outputs
 
 pytestmark = pytest.mark.mpi
@@ -183,7 +183,7 @@ def _parse_run(argv):
 
 
 def test_selfcheck_detects_a_wrong_output():
-    from refsyncbn.selfcheck import build_cases, case_error
+    from refsyncbn.cli.selfcheck import build_cases, case_error
 
     case = next(c for c in build_cases(2, 14, seed=1) if c.training and c.splits[0])
     expected = expected_outputs(case, param_grads="local")[0]
@@ -196,8 +196,8 @@ def test_selfcheck_detects_a_wrong_output():
     assert key == "running_var"
 
 
-def test_importing_refsyncbn_runner_and_selfcheck_loads_no_mpi4py():
-    code = ("import sys, refsyncbn.runner, refsyncbn.selfcheck; "
+def test_importing_the_run_and_selfcheck_commands_loads_no_mpi4py():
+    code = ("import sys, refsyncbn.cli.run, refsyncbn.cli.selfcheck; "
             "print('mpi4py' in sys.modules, 'cupy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout

@@ -6,8 +6,7 @@ from _candidates import lowprec_candidate
 from hypothesis import given, settings
 
 from refsyncbn import SimulatedWorld
-from refsyncbn.cases import Case
-from refsyncbn.runner import run_rank
+from refsyncbn.cases import Case, run_rank
 from refsyncbn.testing import expected_outputs, strategies
 from refsyncbn.testing.checker import run_candidate
 from refsyncbn.testing.tolerances import (

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from refsyncbn import SimulatedWorld
-from refsyncbn.cases import RESULT_KEYS, read_case, read_result
+from refsyncbn.cases import RESULT_KEYS, read_case, read_result, run_rank
 from refsyncbn.conventions import CONVENTIONS
-from refsyncbn.runner import run_rank
 from refsyncbn.testing import expected_outputs, vectors
 from refsyncbn.testing.tolerances import compare_outputs
 

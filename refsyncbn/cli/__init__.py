@@ -1,4 +1,4 @@
-"""Command line: ``python -m refsyncbn {run,selfcheck,check,vectors,bench} ...``.
+"""The command line: ``python -m refsyncbn {run,selfcheck,check,vectors,bench} ...``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)``
 and ``main(args) -> int``; this file only wires them to argparse.
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 _COMMANDS = {
-    "run": ("refsyncbn.runner", "run one case file on every rank, write rank{r}.npz"),
-    "selfcheck": ("refsyncbn.selfcheck", "random cases vs the float64 oracle, with a report"),
+    "run": ("refsyncbn.cli.run", "run one case file on every rank, write rank{r}.npz"),
+    "selfcheck": ("refsyncbn.cli.selfcheck", "random cases vs the float64 oracle, with a report"),
     "check": ("refsyncbn.testing.checker", "check another implementation's outputs"),
     "vectors": ("refsyncbn.testing.vectors", "write the golden-vector set"),
-    "bench": ("refsyncbn.bench", "time forward/backward against baselines"),
+    "bench": ("refsyncbn.cli.bench", "time forward/backward against baselines"),
 }
 
 
@@ -29,6 +28,3 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     return importlib.import_module(args._module).main(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

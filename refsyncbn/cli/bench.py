@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .comm.counting import CountingComm, Tally
-from .comm.mpi import default_comm
-from .functional import backward, forward
-from .layouts import DATA_FORMATS, get_layout
+from ..comm.counting import CountingComm, Tally
+from ..comm.mpi import default_comm
+from ..functional import backward, forward
+from ..layouts import DATA_FORMATS, get_layout
 
 __all__ = ["add_arguments", "main", "parse_case"]
 

@@ -6,7 +6,7 @@ rank builds the same seeded cases: uneven local batches with an empty rank
 (where the group allows), random ragged and non-contiguous process groups
 (where the world allows), every data format and convention, float32 and
 float64, masks, eval mode. Every rank runs each case with
-:func:`refsyncbn.runner.run_rank`, compares its outputs with
+:func:`refsyncbn.cases.run_rank`, compares its outputs with
 :func:`refsyncbn.testing.expected_outputs` (float64, computed on the
 concatenated global batch) and counts the collectives it joined; the verdicts
 are all-reduced, so every rank exits with the same status, and rank 0 prints
@@ -20,13 +20,12 @@ import time
 
 import numpy as np
 
-from .cases import RESULT_KEYS, Case
-from .comm import SimulatedWorld, default_comm, launched_by_mpiexec
-from .comm.counting import CountingComm
-from .conventions import CONVENTIONS
-from .layouts import DATA_FORMATS, get_layout
-from .runner import run_rank
-from .testing.oracle import expected_outputs
+from ..cases import RESULT_KEYS, Case, run_rank
+from ..comm import SimulatedWorld, default_comm, launched_by_mpiexec
+from ..comm.counting import CountingComm
+from ..conventions import CONVENTIONS
+from ..layouts import DATA_FORMATS, get_layout
+from ..testing.oracle import expected_outputs
 
 __all__ = ["TOLERANCE", "add_arguments", "build_cases", "case_error", "main"]
 

@@ -4,7 +4,7 @@ For cases built from the world size (uneven splits with an empty rank, ragged
 and non-contiguous groups, several formats, conventions and dtypes), every
 rank checks that
 
-* its MPI outputs (:func:`refsyncbn.runner.run_rank` over ``MPIComm``) are
+* its MPI outputs (:func:`refsyncbn.cases.run_rank` over ``MPIComm``) are
   bitwise equal to the same rank's outputs in a SimulatedWorld run;
 * they match the float64 global-batch oracle;
 * mean, invstd and running statistics are bitwise identical on every rank of
@@ -90,9 +90,9 @@ def statistics_bytes(case, world):
 
 def check(v):
     from refsyncbn import SimulatedWorld, forward
+    from refsyncbn.cases import run_rank
+    from refsyncbn.cli.selfcheck import case_error
     from refsyncbn.comm import MPIComm
-    from refsyncbn.runner import run_rank
-    from refsyncbn.selfcheck import case_error
     from refsyncbn.testing.oracle import expected_outputs
 
     world = MPIComm()
