@@ -249,9 +249,8 @@ def backward(dy, saved: Saved, *, param_grads=None):
     a, b = _moments.grad_sums(dy3, s.x3, s.mean, xp=xp)
     b = b * s.invstd  # sum dy * x_hat
     if s.training or reduce_params:
-        c = a.shape[0]
-        total = s.comm.allreduce_sum(xp.concat([a, b]), xp=xp)
-        a_sum, b_sum = total[:c], total[c:]
+        total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
+        a_sum, b_sum = total[0, :], total[1, :]
     w = xp.ones_like(s.invstd) if not affine else xp.astype(s.weight, xp.float64)
     k_dy = w * s.invstd
     zeros = xp.zeros_like(k_dy)
@@ -272,6 +271,14 @@ def backward(dy, saved: Saved, *, param_grads=None):
     return Grads(dx, xp.astype(dw, s.weight.dtype), xp.astype(db, s.weight.dtype))
 
 
+def ordered_sum(records, *, xp):
+    """Sum of the ``(P, k, c)`` records over the ranks, in rank order (a ``combine`` fn)."""
+    total = records[0, ...]
+    for r in range(1, records.shape[0]):
+        total = total + records[r, ...]
+    return total
+
+
 def _batch_stats(x3, mask3, conv, variance, comm, *, xp):
     """Synchronized (mean, biased var, global count m, omega, local count n)."""
     c = x3.shape[1]
@@ -282,15 +289,14 @@ def _batch_stats(x3, mask3, conv, variance, comm, *, xp):
     else:
         weight_r, scale_r = float(n > 0), (1.0 / n if n else 0.0)
     s, m2 = _moments.sum_and_m2(x3, mask3, n, xp=xp)
-    head = xp.asarray([float(n), weight_r], dtype=xp.float64, device=dev)
+    head = xp.full((c,), float(n), dtype=xp.float64, device=dev)
+    rows = [head, xp.full((c,), weight_r, dtype=xp.float64, device=dev), s * scale_r]
     if variance == "sumsq":
-        q = m2 + s * s / n if n else m2
-        total = comm.allreduce_sum(xp.concat([head, s * scale_r, q * scale_r]), xp=xp)
-    else:
-        total = comm.allreduce_sum(xp.concat([head, s * scale_r]), xp=xp)
+        rows.append((m2 + s * s / n if n else m2) * scale_r)
+    total = comm.combine(xp.stack(rows), ordered_sum, xp=xp)
     # Counts are integer-valued float64 sums, exact below 2**53: identical on
     # every rank, so branching on them cannot split the group.
-    m, cnt = int(total[0]), float(total[1])
+    m, cnt = int(total[0, 0]), float(total[1, 0])
     if m == 0:
         msg = ("forward: every rank of the group passed an empty batch; batch statistics "
                "of zero elements are undefined")
@@ -299,13 +305,13 @@ def _batch_stats(x3, mask3, conv, variance, comm, *, xp):
         msg = (f"Expected more than 1 value per channel when training, got a global count "
                f"of 1 per channel (convention {conv.name!r})")
         raise ValueError(msg)
-    mean = total[2:2 + c] / cnt
+    mean = total[2, :] / cnt
     if variance == "sumsq":
-        var = total[2 + c:] / cnt - mean * mean
+        var = total[3, :] / cnt - mean * mean
         var = xp.where(var < 0, xp.zeros_like(var), var)
     else:
         local = _moments.sumsq_about(x3, mask3, mean, xp=xp) * scale_r
-        var = comm.allreduce_sum(local, xp=xp) / cnt
+        var = comm.combine(xp.reshape(local, (1, c)), ordered_sum, xp=xp)[0, :] / cnt
     return mean, var, m, scale_r / cnt, n
 
 

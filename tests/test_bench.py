@@ -37,7 +37,7 @@ def _check_results(results, world_size):
         agree = int(world_size > 1)
         assert r["collectives"] == {"forward": {"data": 1, "agree": agree},
                                     "backward": {"data": 1, "agree": agree}}
-        assert r["bytes_per_pass"]["forward"]["data"] == (2 * c + 2) * 8
+        assert r["bytes_per_pass"]["forward"]["data"] == 4 * c * 8  # [n, weight, sum, sumsq] per channel
         assert r["bytes_per_pass"]["backward"]["data"] == 2 * c * 8
         for key in ("forward_ms", "backward_ms", "step_ms", "copy_ms", "bound_ms"):
             assert r[key] > 0, key

@@ -9,22 +9,9 @@ from test_functional import assert_matches_oracle
 
 from refsyncbn import RankError, SimulatedWorld, backward, forward
 from refsyncbn.cases import Case
+from refsyncbn.comm.counting import CountingComm
 from refsyncbn.conventions import CONVENTIONS
 from refsyncbn.testing.oracle import expected_outputs
-
-
-class _Counting:
-    """Wraps a communicator and counts this rank's all-reduce calls."""
-
-    def __init__(self, comm):
-        self.inner, self.rank, self.size, self.calls = comm, comm.rank, comm.size, 0
-
-    def allreduce_sum(self, buf, /, *, xp):
-        self.calls += 1
-        return self.inner.allreduce_sum(buf, xp=xp)
-
-    def split(self, color, key):
-        return self.inner.split(color, key)
 
 
 def _train(comm, x, dy, **kwargs):
@@ -44,9 +31,9 @@ class TestEmptyLocalBatch:
         shards = [(x[:2], dy[:2]), (x[:0], dy[:0]), (x[2:], dy[2:])]
 
         def body(comm, shard):
-            counting = _Counting(comm)
+            counting = CountingComm(comm)
             res, g = _train(counting, *shard, convention=convention)
-            return res, g, counting.calls
+            return res, g, sum(counting.tally.calls.values())
 
         with_empty = SimulatedWorld(3).run(body, shards)
         without = SimulatedWorld(2).run(body, [shards[0], shards[2]])

@@ -17,11 +17,21 @@ class Communicator(Protocol):
     ``MPI_Comm_split``: ranks passing the same ``color`` form a new communicator,
     ordered by ``key`` then by rank; ``color=None`` joins no group and returns
     ``None``.
+
+    ``combine`` is the float data path of the functional core: each rank passes
+    a per-channel record, a ``(k, C)`` float64 array, and ``fn(records, xp=xp)``
+    maps the ``(P, k, c)`` stack of the ranks' records (rank order) for any
+    slice of ``c`` channels to a ``(k_out, c)`` result. ``fn`` must treat each
+    channel on its own and combine the ranks in rank order, so that the result
+    is the same bytes whichever rank computes which channels and however the
+    channels are sliced; every rank receives the whole ``(k_out, C)`` result.
     """
 
     rank: int
     size: int
 
     def allreduce_sum(self, buf, /, *, xp): ...
+
+    def combine(self, record, fn, /, *, xp): ...
 
     def split(self, color: int | None, key: int) -> Communicator | None: ...

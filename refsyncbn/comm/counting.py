@@ -24,7 +24,7 @@ class Tally:
 
 
 class CountingComm:
-    """Wraps a Communicator and tallies its ``allreduce_sum`` calls in ``self.tally``.
+    """Wraps a Communicator and tallies its ``allreduce_sum`` and ``combine`` calls in ``self.tally``.
 
     Communicators made by :meth:`split` share their parent's tally.
 
@@ -37,8 +37,8 @@ class CountingComm:
     ...     counting = CountingComm(comm)
     ...     forward(np.ones((2, 3)), data_format="NC", comm=counting)
     ...     return counting.tally.calls, counting.tally.bytes
-    >>> SimulatedWorld(2).run(step)[0]   # data: [n, c, sum(3), sumsq(3)] in float64
-    ({'agree': 1, 'data': 1}, {'agree': 96, 'data': 64})
+    >>> SimulatedWorld(2).run(step)[0]   # data: rows n, c, sum, sumsq of 3 channels, float64
+    ({'agree': 1, 'data': 1}, {'agree': 96, 'data': 96})
     """
 
     def __init__(self, comm, tally: Tally | None = None):
@@ -55,6 +55,14 @@ class CountingComm:
         self.tally.bytes[kind] += nbytes
         start = time.perf_counter()
         out = self._comm.allreduce_sum(buf, xp=xp)
+        self.tally.seconds += time.perf_counter() - start
+        return out
+
+    def combine(self, record, fn, /, *, xp):
+        self.tally.calls["data"] += 1
+        self.tally.bytes["data"] += int(record.size) * 8
+        start = time.perf_counter()
+        out = self._comm.combine(record, fn, xp=xp)
         self.tally.seconds += time.perf_counter() - start
         return out
 

@@ -170,6 +170,28 @@ class MPIComm:
         host = np.array(to_numpy(buf))  # a writable copy: integer buffers reduce in place
         return xp.asarray(self._reduce(host, xp=np), device=device_of(buf))
 
+    def combine(self, record, fn, /, *, xp):
+        """``fn`` over every rank's ``(k, C)`` record, the same bytes on every rank.
+
+        One ``Allgather`` of the records; every rank applies ``fn`` to the
+        stack in rank order. Device records take the path ``allreduce_sum``
+        describes (direct when MPI is CUDA-aware, else staged through host memory).
+        """
+        k, c = record.shape
+        device = not isinstance(record, np.ndarray) and hasattr(record, "__cuda_array_interface__")
+        if device and self.cuda_aware:
+            if is_cupy_array(record):
+                sys.modules["cupy"].cuda.get_current_stream().synchronize()
+            gathered = xp.empty((self.size, k * c), dtype=record.dtype, device=device_of(record))
+            self._comm.Allgather(xp.reshape(record, (-1,)), gathered)
+            return fn(xp.reshape(gathered, (self.size, k, c)), xp=xp)
+        if device and os.environ.get(CUDA_AWARE_ENV) is None:
+            _warn_staging()
+        host = np.ascontiguousarray(to_numpy(record), dtype=np.float64).reshape(-1)
+        gathered = np.empty((self.size, k * c))
+        self._comm.Allgather(host, gathered)
+        return fn(xp.asarray(gathered.reshape(self.size, k, c), device=device_of(record)), xp=xp)
+
     def _reduce(self, buf, *, xp):
         """The one collective on a buffer MPI can read (host, or device when CUDA-aware)."""
         dtype = _buffer_dtype(buf)

@@ -102,6 +102,14 @@ class _SimComm:
             total = total + b
         return total
 
+    def combine(self, record, fn, /, *, xp):
+        records = self._group.exchange(self.rank, record)
+        if any(r.shape != record.shape for r in records):
+            shapes = ", ".join(f"rank {i}: {tuple(r.shape)}" for i, r in enumerate(records))
+            msg = f"SimulatedWorld.combine: records differ in shape ({shapes})"
+            raise ValueError(msg)
+        return fn(xp.stack(records), xp=xp)
+
     def split(self, color, key):
         entries = self._group.exchange(self.rank, (color, key, self.rank))
         if self.rank == 0:
