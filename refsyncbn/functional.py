@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _moments
+from . import kernels
 from ._xp import namespace
 from .comm.agreement import agree
 from .comm.local import LocalComm
@@ -64,6 +64,7 @@ class Saved:
     training: bool
     convention: Convention
     comm: Any
+    kernels: Any
     xp: Any
 
 
@@ -88,7 +89,7 @@ class Grads:
 
 def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
             training=True, eps=None, momentum=None, data_format="NCHW",
-            convention=REFERENCE, variance="sumsq", mask=None, comm=None, xp=None):
+            convention=REFERENCE, variance="sumsq", mask=None, comm=None, backend=None, xp=None):
     """Synchronized batch-norm forward pass over the ranks of ``comm``.
 
     Parameters
@@ -118,6 +119,10 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
         use valid positions only; every position is normalized.
     comm : Communicator, optional
         Ranks to synchronize over; default a one-rank :class:`LocalComm`.
+    backend : {"numpy", "numba", "cupy"}, optional
+        Kernel backend (also used by :func:`backward`); default the
+        ``REFSYNCBN_BACKEND`` environment variable, else chosen from ``x``
+        (see :mod:`refsyncbn.kernels`).
     xp : namespace, optional
         Array namespace; resolved from the arrays when omitted.
 
@@ -163,6 +168,12 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
 
     error = _validate_forward(x, weight, bias, running_mean, running_var, mask, layout,
                               eps, momentum, training, variance, xp=xp)
+    kern = None
+    if error is None:
+        try:
+            kern = kernels.select(x, backend)
+        except (ValueError, TypeError) as err:
+            error = err
     if training and comm.size > 1:
         signature = {"channels": 0, "dtype": -1, "data_format": layout.code,
                      "variance": _index(VARIANCE_ALGORITHMS, variance),
@@ -176,20 +187,20 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     x3 = layout.view(x, xp=xp)
     mask3 = None if mask is None else layout.view_mask(mask, x.shape, xp=xp)
     if training:
-        mean, var, m, omega, n = _batch_stats(x3, mask3, conv, variance, comm, xp=xp)
+        mean, var, m, omega, n = _batch_stats(x3, mask3, conv, variance, comm, kern, xp=xp)
         new_rm, new_rv = _update_running(running_mean, running_var, mean, var, m, n,
                                          conv, momentum, xp=xp)
     else:
         mean = xp.astype(running_mean, xp.float64)
         var = xp.astype(running_var, xp.float64)
-        m, omega = _moments.count(x3, mask3, xp=xp), 0.0
+        m, omega = kern.count(x3, mask3, xp=xp), 0.0
         new_rm, new_rv = running_mean, running_var
     invstd = 1.0 / xp.sqrt(var + eps)
     scale = invstd if weight is None else invstd * xp.astype(weight, xp.float64)
     shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
-    y3 = _moments.normalize(x3, mean, scale, shift, xp=xp, dtype=x.dtype)
+    y3 = kern.normalize(x3, mean, scale, shift, xp=xp, dtype=x.dtype)
     saved = Saved(x3, mask3, tuple(x.shape), x.dtype, layout, weight, mean, var, invstd,
-                  m, omega, bool(training), conv, comm, xp)
+                  m, omega, bool(training), conv, comm, kern, xp)
     return ForwardResult(xp.reshape(y3, x.shape), saved, new_rm, new_rv)
 
 
@@ -246,8 +257,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
         raise error
 
     dy3 = s.layout.view(dy, xp=xp)
-    a, b = _moments.grad_sums(dy3, s.x3, s.mean, xp=xp)
-    b = b * s.invstd  # sum dy * x_hat
+    a, b = s.kernels.grad_sums(dy3, s.x3, s.mean, s.invstd, xp=xp)  # sum dy, sum dy * x_hat
     if s.training or reduce_params:
         total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
         a_sum, b_sum = total[0, :], total[1, :]
@@ -258,7 +268,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
         k_x, k_0 = k_dy * s.invstd * b_sum * s.omega, k_dy * a_sum * s.omega
     else:
         k_x, k_0 = zeros, zeros
-    dx3 = _moments.grad_input(dy3, s.x3, s.mean, k_dy, k_x, k_0, s.mask3, xp=xp, dtype=s.dtype)
+    dx3 = s.kernels.grad_input(dy3, s.x3, s.mean, k_dy, k_x, k_0, s.mask3, xp=xp, dtype=s.dtype)
     dx = xp.reshape(dx3, s.shape)
     if not affine:
         return Grads(dx, None, None)
@@ -279,20 +289,21 @@ def ordered_sum(records, *, xp):
     return total
 
 
-def _batch_stats(x3, mask3, conv, variance, comm, *, xp):
+def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
     """Synchronized (mean, biased var, global count m, omega, local count n)."""
     c = x3.shape[1]
     dev = x3.device
-    n = _moments.count(x3, mask3, xp=xp)
+    n = kern.count(x3, mask3, xp=xp)
     if conv.weighting == "count":
         weight_r, scale_r = float(n), 1.0
     else:
         weight_r, scale_r = float(n > 0), (1.0 / n if n else 0.0)
-    s, m2 = _moments.sum_and_m2(x3, mask3, n, xp=xp)
+    mean_r, m2 = kern.moments(x3, mask3, xp=xp)
+    s = mean_r * n
     head = xp.full((c,), float(n), dtype=xp.float64, device=dev)
     rows = [head, xp.full((c,), weight_r, dtype=xp.float64, device=dev), s * scale_r]
     if variance == "sumsq":
-        rows.append((m2 + s * s / n if n else m2) * scale_r)
+        rows.append((m2 + s * mean_r) * scale_r)
     total = comm.combine(xp.stack(rows), ordered_sum, xp=xp)
     # Counts are integer-valued float64 sums, exact below 2**53: identical on
     # every rank, so branching on them cannot split the group.
@@ -310,7 +321,7 @@ def _batch_stats(x3, mask3, conv, variance, comm, *, xp):
         var = total[3, :] / cnt - mean * mean
         var = xp.where(var < 0, xp.zeros_like(var), var)
     else:
-        local = _moments.sumsq_about(x3, mask3, mean, xp=xp) * scale_r
+        local = (m2 + n * (mean_r - mean) ** 2) * scale_r
         var = comm.combine(xp.reshape(local, (1, c)), ordered_sum, xp=xp)[0, :] / cnt
     return mean, var, m, scale_r / cnt, n
 
