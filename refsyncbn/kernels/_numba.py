@@ -58,7 +58,7 @@ def moments(x3, mask3, *, xp):
     """Local ``(mean, M2)`` per channel (float64; zeros for a channel without elements)."""
     _, c, b = x3.shape
     if b >= _ROW_MIN:
-        return _moments_rows(x3, mask3, _BLOCK)
+        return _moments_rows(x3, _rows_mask(mask3), _BLOCK)
     x2, m2 = _matrix(x3), _matrix_mask(mask3, x3.shape)
     return _moments_cols(x2, m2, max(1, _BLOCK // max(c * b, 1)), b)
 
@@ -90,7 +90,7 @@ def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     out = np.empty(x3.shape, dtype=dtype)
     b = x3.shape[2]
     if b >= _ROW_MIN:
-        _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, mask3, out)
+        _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, _rows_mask(mask3), out)
     else:
         _grad_input_cols(_matrix(dy3), _matrix(x3), _wide(mean, b), _wide(k_dy, b),
                          _wide(k_x, b), _wide(k_0, b), _matrix_mask(mask3, x3.shape),
@@ -104,11 +104,16 @@ def _matrix(v3):
     return v3.reshape(a, c * b)
 
 
+def _rows_mask(mask3):
+    """The mask as a fresh C-contiguous bool array: one compiled variant for every mask."""
+    return None if mask3 is None else np.array(mask3, dtype=np.bool_, order="C")
+
+
 def _matrix_mask(mask3, shape):
-    """``(A, 1, B)`` mask as an ``(A, C*B)`` matrix (a stride-0 view when ``B == 1``)."""
+    """``(A, 1, B)`` mask expanded to an ``(A, C*B)`` matrix (C-contiguous, like :func:`_rows_mask`)."""
     if mask3 is None:
         return None
-    return _matrix(np.broadcast_to(mask3, shape))
+    return np.array(_matrix(np.broadcast_to(mask3, shape)), dtype=np.bool_, order="C")
 
 
 def _wide(v, b):
