@@ -6,7 +6,7 @@ from refsyncbn import SimulatedWorld, backward, forward
 from refsyncbn.comm import group_comm
 
 
-def run_rank(comm, case, rank, *, variance="sumsq", param_grads=None, convert=None,
+def run_rank(comm, case, rank, *, variance="stable", param_grads=None, convert=None,
              **overrides):
     """One world rank's forward (and backward with ``case.dy``) as a dict of outputs.
 
