@@ -19,6 +19,8 @@ measured worst case over 150 random float64 cases is 1.7 u (1 + kappa) S
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from _exact import batch_norm, dec, error, ulp
@@ -54,7 +56,7 @@ def _run(x, dy, w, b, splits, *, data_format="NCL", variance="stable", conventio
          mask=None):
     """Per-rank outputs of a SimulatedWorld step over ``splits`` of the batch axis."""
     edges = np.cumsum((0, *splits))
-    c = x.shape[1] if data_format != "NC" else x.shape[-1]
+    c = len(w)
     rm, rv = np.full(c, 0.5, x.dtype), np.full(c, 2.0, x.dtype)
 
     def step(comm, r):
@@ -79,11 +81,14 @@ def _exact(x, dy, w, b, splits, *, data_format="NCL", weighting="count"):
 def _bounds(ex, shards, dys, w, b):
     """Per rank, the float64 error budget ``K u (1 + kappa) S`` of each output."""
     c = len(ex["mean"])
-    sigma = np.array([float(dec(v + EPS).sqrt()) for v in ex["var"]])
-    kappa = 1.0 + np.array([abs(float(m)) for m in ex["mean"]]) / sigma
+    sigma = [dec(v + Fraction(EPS)).sqrt() for v in ex["var"]]
+    kappa = 1.0 + np.array([float(abs(dec(m)) / s) for m, s in zip(ex["mean"], sigma,
+                                                                     strict=True)])
     w64, b64 = np.abs(np.asarray(w, np.float64)), np.abs(np.asarray(b, np.float64))
-    mean = np.array([float(m) for m in ex["mean"]])
-    xh = [np.abs(s.astype(np.float64) - mean) / sigma for s in shards]
+    xh = [np.array([[float(abs(dec(v) - dec(m)) / sg) for v, m, sg in zip(row, ex["mean"], sigma,
+                                                                         strict=True)]
+                    for row in s.astype(np.float64)]).reshape(len(s), c) for s in shards]
+    sigma = np.array([float(sg) for sg in sigma])
     dya = [np.abs(d.astype(np.float64)) for d in dys]
     sum_dy = sum(d.sum(axis=0) for d in dya)
     sum_dyx = sum((d * (1 + h)).sum(axis=0) for d, h in zip(dya, xh, strict=True))
@@ -228,3 +233,102 @@ class TestLowPrecisionCorrectlyRounded:
         worst = _worst(_run(x, dy, w, b, splits, variance="naive"), ex, shards, dys, w, b,
                        "NCL", np.float32)
         assert worst["y"] > 2 and worst["dx"] > 2, worst
+
+
+def _huge(kind, rng, shape=(12, 3, 2)):
+    """Finite float64 data whose squares (or sums) overflow."""
+    z = rng.standard_normal(shape)
+    if kind == "1e160":  # squares overflow (the issue: y = NaN)
+        return 1e160 * (1 + 0.1 * z)
+    if kind == "1e300":
+        return 1e300 * (3 + z)
+    if kind == "near_max":  # even sums and differences overflow
+        return np.finfo(np.float64).max * rng.uniform(-0.95, 0.95, shape)
+    x = 1e40 * z  # "far_ranks": each rank is tame, their combination overflows
+    x[:5] += 1e200
+    x[5:] -= 1e200
+    return x
+
+
+class TestFiniteInputsOfAnyMagnitude:
+    @pytest.mark.parametrize("splits", [(12,), (5, 0, 7)], ids=["1-rank", "3-ranks"])
+    @pytest.mark.parametrize("kind", ["1e160", "1e300", "near_max", "far_ranks"])
+    def test_outputs_are_finite_and_within_the_bound(self, kind, splits):
+        rng = np.random.default_rng(7)
+        x = _huge(kind, rng)
+        dy, w, b = rng.standard_normal(x.shape), rng.normal(1, 0.5, 3), rng.normal(0, 1, 3)
+        got = _run(x, dy, w, b, splits)
+        ex, shards, dys = _exact(x, dy, w, b, splits)
+        for g in got:
+            assert all(np.isfinite(g[k]).all() for k in ("y", "dx", "dweight", "dbias"))
+            # the running variance is inf exactly where the true variance is beyond float64
+            np.testing.assert_array_equal(np.isinf(g["running_var"]),
+                                          [dec(v) > dec(np.finfo(np.float64).max) / 10
+                                           for v in ex["var"]])
+            assert np.isfinite(g["running_mean"]).all()
+        worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float64)
+        assert max(worst.values()) <= 1.0, worst
+
+    def test_naive_variance_gives_nan_there(self):
+        x = _huge("1e160", np.random.default_rng(8))
+        res = forward(x, data_format="NCL", variance="naive")
+        assert np.isnan(res.y).all()
+
+    def test_an_overflowing_channel_leaves_nan_and_tame_channels_alone(self):
+        rng = np.random.default_rng(9)
+        x = rng.standard_normal((12, 3, 2))
+        x[:, 0] *= 1e300
+        x[3, 1, 1] = np.nan
+        dy, w, b = rng.standard_normal(x.shape), np.ones(3), np.zeros(3)
+        got = _run(x, dy, w, b, (5, 0, 7))
+        tame = [0, 2]
+        ex, shards, dys = _exact(x[:, tame], dy[:, tame], w[tame], b[tame], (5, 0, 7))
+        sub = [{k: (v[:, tame] if k in ("y", "dx") else v[tame]) for k, v in g.items()}
+               for g in got]
+        worst = _worst(sub, ex, shards, dys, w[tame], b[tame], "NCL", np.float64)
+        assert max(worst.values()) <= 1.0, worst
+        for g in got:
+            assert np.isnan(g["y"][:, 1]).all() and np.isnan(g["dx"][:, 1]).all()
+
+
+class TestLayoutInvariance:
+    """Memory layout changes nothing beyond the bound (issue: 3e-10 at offset 1e3)."""
+
+    @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+    @pytest.mark.parametrize("layout", ["C", "F", "negative-strides", "strided-view",
+                                        "all-true-mask", "NHWC-view"])
+    def test_each_layout_is_within_the_bound(self, layout, dtype):
+        x, dy, w, b = _data(3, (10, 3, 6), dtype, 1e3 if dtype == np.float64 else 1e4)
+        splits = (4, 0, 6)
+        ex, shards, dys = _exact(x, dy, w, b, splits)
+        mask = None
+        if layout == "F":
+            x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+        elif layout == "negative-strides":
+            x, dy = x[:, :, ::-1].copy()[:, :, ::-1], dy[:, :, ::-1].copy()[:, :, ::-1]
+        elif layout == "strided-view":
+            wide, dwide = np.repeat(x, 2, axis=2), np.repeat(dy, 2, axis=2)
+            x, dy = wide[:, :, ::2], dwide[:, :, ::2]
+        elif layout == "all-true-mask":
+            mask = np.ones((10, 6), bool)
+        if layout == "NHWC-view":  # channel-last view of the same numbers
+            x4, dy4 = np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1)
+            got = _run(x4, dy4, w, b, splits, data_format="NLC")
+            got = [{k: (np.moveaxis(v, -1, 1) if k in ("y", "dx") else v) for k, v in g.items()}
+                   for g in got]
+        else:
+            got = _run(x, dy, w, b, splits, mask=mask)
+        worst = _worst(got, ex, shards, dys, w, b, "NCL", dtype)
+        assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
+
+
+def test_four_million_float32_values_at_offset_1e6_are_correctly_rounded():
+    # Exactly known statistics: +-1 around 1e6 (exact in float32), mean 1e6, var 1.
+    n = 1 << 22
+    x = np.full((n // 8, 2, 8), 1e6, np.float32)
+    x[:, :, 0::2] += 1.0
+    x[:, :, 1::2] -= 1.0
+    y = forward(x, data_format="NCL").y
+    exact = 1 / (dec(1) + dec(EPS)).sqrt()
+    want = np.float32(float(exact))  # correctly rounded (exact is far from a tie)
+    assert (y[:, :, 0::2] == want).all() and (y[:, :, 1::2] == -want).all()
