@@ -17,9 +17,24 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no driver, no device: CuPy imports but cannot run
+        return False
+
+
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
+HAS_CUDA = _has_cuda()
 NUMBA = pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA, reason="needs numba"))
-BACKENDS = ["numpy", NUMBA]
+CUPY = pytest.param("cupy", marks=pytest.mark.skipif(not HAS_CUDA,
+                                                      reason="needs CuPy and a CUDA device"))
+BACKENDS = ["numpy", NUMBA, CUPY]
 
 # (A, C, B): rows order (B >= 32), columns order (B == 1, short B)
 SHAPES = [(3, 2, 40), (5, 3, 1), (4, 3, 5)]
@@ -31,11 +46,33 @@ def small_blocks(monkeypatch):
     """Blocks of 8 elements, so that tiny exact-arithmetic cases merge several blocks."""
     for name in ("numpy", "numba"):
         if name == "numpy" or HAS_NUMBA:
-            monkeypatch.setattr(_backend(name), "_BLOCK", 8)
+            monkeypatch.setattr(_backend(name).module, "_BLOCK", 8)
+
+
+class _Backend:
+    """A backend module called with NumPy arrays: CuPy's arguments and results are
+    moved to and from the device, the others pass through."""
+
+    def __init__(self, name):
+        self.module = importlib.import_module(f"refsyncbn.kernels._{name}")
+        self.cp = importlib.import_module("cupy") if name == "cupy" else None
+
+    def __getattr__(self, attr):
+        fn = getattr(self.module, attr)
+        if self.cp is None:
+            return fn
+        cp = self.cp
+
+        def on_device(*args, **kwargs):
+            out = fn(*[cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args],
+                     **kwargs)
+            return tuple(map(cp.asnumpy, out)) if isinstance(out, tuple) else cp.asnumpy(out)
+
+        return on_device
 
 
 def _backend(name):
-    return importlib.import_module(f"refsyncbn.kernels._{name}")
+    return _Backend(name)
 
 
 def _data(shape, dtype, *, loc=0.0, seed=0):
@@ -277,14 +314,13 @@ def _assert_within_one_ulp(a, b):
 AGREE_SHAPES = [(3, 4, 5000), (2, 2, 70000), (3000, 8, 1), (64, 1024, 1), (4, 3, 5), (700, 6, 7)]
 
 
+@pytest.mark.parametrize("other", [NUMBA, CUPY])
 @pytest.mark.parametrize("shape", AGREE_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("variant", ["plain", "masked", "strided", "nonfinite"])
-def test_backends_agree(shape, dtype, variant):
-    """numba vs numpy: moments within float64 rounding; given the same statistics, the
-    gradient sums within float64 rounding and the outputs at most 1 ulp apart."""
-    if not HAS_NUMBA:
-        pytest.skip("needs numba")
+def test_backends_agree(other, shape, dtype, variant):
+    """A fused backend vs numpy: moments within float64 rounding; given the same
+    statistics, the gradient sums within float64 rounding and outputs at most 1 ulp apart."""
     x3, dy3 = _data(shape, dtype, loc=1e3, seed=5)
     mask3 = _mask(shape) if variant == "masked" else None
     if variant == "strided":
@@ -294,7 +330,7 @@ def test_backends_agree(shape, dtype, variant):
         x3[0, 0, 0], x3[-1, 1, -1], dy3[0, -1, 0] = np.inf, np.nan, np.inf
     results = {}
     shared = None
-    for name in ("numpy", "numba"):
+    for name in ("numpy", other):
         k = _backend(name)
         with np.errstate(all="ignore"):
             mean, m2 = k.moments(x3, mask3, xp=np)
