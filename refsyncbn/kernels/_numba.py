@@ -70,8 +70,7 @@ def normalize(x3, mean, scale, shift, *, xp, dtype):
     if b >= _ROW_MIN:
         _normalize_rows(x3, mean, scale, shift, out)
     else:
-        _normalize_cols(_matrix(x3), _wide(mean, b), _wide(scale, b), _wide(shift, b),
-                        _matrix(out))
+        _normalize_cols(_matrix(x3), mean, scale, shift, b, _matrix(out))
     return out
 
 
@@ -81,7 +80,7 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
     if b >= _ROW_MIN:
         sa, sb = _grad_sums_rows(dy3, x3, mean)
     else:
-        sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), _wide(mean, b), b)
+        sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), mean, b)
     return sa, sb * invstd
 
 
@@ -92,9 +91,8 @@ def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     if b >= _ROW_MIN:
         _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, _rows_mask(mask3), out)
     else:
-        _grad_input_cols(_matrix(dy3), _matrix(x3), _wide(mean, b), _wide(k_dy, b),
-                         _wide(k_x, b), _wide(k_0, b), _matrix_mask(mask3, x3.shape),
-                         _matrix(out))
+        _grad_input_cols(_matrix(dy3), _matrix(x3), mean, k_dy, k_x, k_0, b,
+                         _matrix_mask(mask3, x3.shape), _matrix(out))
     return out
 
 
@@ -114,11 +112,6 @@ def _matrix_mask(mask3, shape):
     if mask3 is None:
         return None
     return np.array(_matrix(np.broadcast_to(mask3, shape)), dtype=np.bool_, order="C")
-
-
-def _wide(v, b):
-    """A per-channel vector repeated for the ``B`` columns of each channel."""
-    return np.repeat(v, b) if b > 1 else v
 
 
 # --- compiled loops ----------------------------------------------------------------------
@@ -309,12 +302,13 @@ def _grad_sums_rows(dy, x, mean):
 def _grad_sums_cols(dy, x, mean, nb):
     """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` down the columns of ``(A, C*B)``."""
     na, nk = x.shape
+    m = np.repeat(mean, nb)  # per column (per-channel vectors are widened in here)
     sa, sb = np.zeros(nk), np.zeros(nk)
     for a in range(na):
         for j in range(nk):
             g = np.float64(dy[a, j])
             sa[j] += g
-            sb[j] += g * (x[a, j] - mean[j])
+            sb[j] += g * (x[a, j] - m[j])
     return sa.reshape(nk // nb, nb).sum(axis=1), sb.reshape(nk // nb, nb).sum(axis=1)
 
 
@@ -330,12 +324,13 @@ def _normalize_rows(x, mean, scale, shift, out):
 
 
 @_jit
-def _normalize_cols(x, mean, scale, shift, out):
-    """``out = (x - mean) * scale + shift`` on ``(A, C*B)`` with per-column coefficients."""
+def _normalize_cols(x, mean, scale, shift, nb, out):
+    """``out = (x - mean) * scale + shift`` on ``(A, C*B)``, rounded once at the store."""
     na, nk = x.shape
+    m, k, t = np.repeat(mean, nb), np.repeat(scale, nb), np.repeat(shift, nb)
     for a in range(na):
         for j in range(nk):
-            out[a, j] = (x[a, j] - mean[j]) * scale[j] + shift[j]
+            out[a, j] = (x[a, j] - m[j]) * k[j] + t[j]
 
 
 @_jit
@@ -353,12 +348,13 @@ def _grad_input_rows(dy, x, mean, kdy, kx, k0, mask, out):
 
 
 @_jit
-def _grad_input_cols(dy, x, mean, kdy, kx, k0, mask, out):
+def _grad_input_cols(dy, x, mean, kdy, kx, k0, nb, mask, out):
     """``out = kdy * dy - valid * (kx * (x - mean) + k0)`` on ``(A, C*B)``, rounded once."""
     na, nk = x.shape
+    m, g, h, z = np.repeat(mean, nb), np.repeat(kdy, nb), np.repeat(kx, nb), np.repeat(k0, nb)
     for a in range(na):
         for j in range(nk):
             if mask is None or mask[a, j]:
-                out[a, j] = kdy[j] * dy[a, j] - (kx[j] * (x[a, j] - mean[j]) + k0[j])
+                out[a, j] = g[j] * dy[a, j] - (h[j] * (x[a, j] - m[j]) + z[j])
             else:
-                out[a, j] = kdy[j] * dy[a, j]
+                out[a, j] = g[j] * dy[a, j]
