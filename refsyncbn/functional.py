@@ -479,11 +479,12 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
 def _one_rank_total(record, *, xp):
     """:func:`combine_moments` of one rank's non-empty, unscaled, finite record, without
     the collective (``mean_r`` itself, ``M2_r / n_r``; either weighting), else None."""
-    n, mean, m2, e = record[0, 0], record[1, :], record[2, :], record[3, :]
-    if not n > 0 or bool(xp.any(e != 0)):
+    n, mean, e = float(record[0, 0]), record[1, :], record[3, :]
+    if not n > 0:
         return None
-    var = m2 / n
-    if not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
+    var = record[2, :] / n
+    # mean + var overflowing as well leaves the case to combine_moments (no harm)
+    if bool(xp.any(e != 0)) or not bool(xp.all(xp.isfinite(mean + var))):
         return None
     return xp.stack([record[0, :], xp.ones_like(mean), mean, var, e])
 
