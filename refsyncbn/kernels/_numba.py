@@ -35,7 +35,7 @@ __all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "
 NAME = "numba"
 
 _ROW_MIN = 32  # B from which kernels run along rows of B elements
-_BLOCK = 1 << 12  # elements per in-cache block of the two-pass moments
+_BLOCK = 1 << 15  # elements per in-cache block of the two-pass moments (<= 256 KiB)
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _jit = numba.njit(cache=True, nogil=True)
