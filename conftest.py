@@ -1,8 +1,13 @@
 """Project-wide pytest configuration: hypothesis profiles and the report header."""
 
+import importlib.util
 import os
 
 from hypothesis import HealthCheck, settings
+
+# kernel backends whose package is not installed cannot even be imported for doctests
+collect_ignore = [f"refsyncbn/kernels/_{name}.py" for name in ("cupy", "numba")
+                  if importlib.util.find_spec(name) is None]
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
