@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from refsyncbn import RankError, SimulatedWorld
 from refsyncbn.layer import BatchNorm, Sequential, SyncBatchNorm, convert_sync_batchnorm
+from refsyncbn.sparse import SparseCooTensor
 from tests._layers import channels, make_case, mismatches, run_simulated
 
 
@@ -182,3 +185,64 @@ class TestOtherNamespaces:
         ref = BatchNorm(2, data_format="NC", dtype=np.float64)
         np.testing.assert_allclose(np.concatenate([np.asarray(o[0]) for o in out]), ref(x),
                                    rtol=1e-12)
+
+
+def _every_layer_class():
+    """``(name, factory(C), input of C channels, channel axis)`` for every layer class."""
+    from refsyncbn.compat import mindspore, paddle, torch
+
+    dense = np.random.default_rng(9).normal(size=(2, 3, 2, 2))
+    coo = SparseCooTensor(np.array([[0, 0, 0], [0, 1, 3]]),
+                          np.random.default_rng(10).normal(size=(3, 3)), (1, 4, 3))
+    return [
+        ("BatchNorm", lambda c: BatchNorm(c), dense),
+        ("SyncBatchNorm", lambda c: SyncBatchNorm(c), dense),
+        ("torch.BatchNorm", lambda c: torch.BatchNorm(c), dense),
+        ("torch.SyncBatchNorm", lambda c: torch.SyncBatchNorm(c), dense),
+        ("paddle.BatchNorm", lambda c: paddle.BatchNorm(c), dense),
+        ("paddle.SyncBatchNorm", lambda c: paddle.SyncBatchNorm(c), dense),
+        ("paddle.sparse.BatchNorm", lambda c: paddle.sparse.BatchNorm(c), coo),
+        ("paddle.sparse.SyncBatchNorm", lambda c: paddle.sparse.SyncBatchNorm(c), coo),
+        ("mindspore.SyncBatchNorm", lambda c: mindspore.SyncBatchNorm(c), dense),
+    ]
+
+
+LAYER_CLASSES = _every_layer_class()
+STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+def _as_rows(x):
+    """``(positions, C)`` float64 view of a dense NCHW input or of COO values."""
+    if isinstance(x, SparseCooTensor):
+        return np.asarray(x.values, np.float64)
+    return np.moveaxis(np.asarray(x, np.float64), 1, -1).reshape(-1, x.shape[1])
+
+
+@pytest.mark.parametrize(("name", "make", "x"), LAYER_CLASSES, ids=[c[0] for c in LAYER_CLASSES])
+class TestEveryLayerOwnsItsState:
+    def test_no_two_state_arrays_share_memory(self, name, make, x):
+        layer = make(3)
+        arrays = {k: getattr(layer, k) for k in STATE}
+        for a, b in itertools.combinations(STATE, 2):
+            assert not np.shares_memory(arrays[a], arrays[b]), f"{name}: {a} aliases {b}"
+
+    def test_setting_parameters_in_place_leaves_running_statistics_alone(self, name, make, x):
+        layer = make(3)
+        layer.weight[...] = 2.0
+        layer.bias[...] = 3.0
+        np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+        np.testing.assert_array_equal(layer.running_var, np.ones(3))
+        layer.running_mean[...] = 5.0
+        layer.running_var[...] = 7.0
+        np.testing.assert_array_equal(layer.weight, np.full(3, 2.0))
+        np.testing.assert_array_equal(layer.bias, np.full(3, 3.0))
+
+    def test_eval_before_the_first_step_uses_the_set_parameters(self, name, make, x):
+        layer = make(3).eval()
+        layer.weight[...] = [2.0, -1.0, 0.5]
+        layer.bias[...] = [3.0, 0.0, -4.0]
+        y = layer(x)
+        eps = layer.eps
+        # Running statistics 0 and 1: y = x / sqrt(1 + eps) * weight + bias, float64.
+        want = _as_rows(x) / np.sqrt(1.0 + eps) * [2.0, -1.0, 0.5] + [3.0, 0.0, -4.0]
+        np.testing.assert_allclose(_as_rows(y), want, rtol=1e-12, atol=1e-12)
