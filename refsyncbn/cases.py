@@ -215,14 +215,16 @@ def _check(case: Case) -> None:
             raise ValueError(msg)
 
 
-def run_rank(case, comm) -> dict:
+def run_rank(case, comm, *, param_grads="local", variance="sumsq", convert=None,
+             statistics=False) -> dict:
     """Run ``case`` on the calling rank of ``comm``; what ``rank{r}.npz`` holds.
 
     Collective over ``comm``, the WORLD communicator of the case (its size is
     ``case.world_size``, its rank the world rank): every rank must call it.
     The rank takes its slice ``case.shard(comm.rank)``, joins its group
     (``case.groups``), runs one forward pass and, when ``case.dy`` is given,
-    one backward pass with ``param_grads="local"``.
+    one backward pass. The command line and the test suite both run cases
+    through this function.
 
     Parameters
     ----------
@@ -230,14 +232,25 @@ def run_rank(case, comm) -> dict:
         The problem, the same on every rank.
     comm : Communicator
         World communicator (``MPIComm``, a ``SimulatedWorld`` rank, ``LocalComm``).
+    param_grads : {"local", "sum", "mean"} or None
+        Reduction of the parameter gradients (:func:`refsyncbn.backward`;
+        ``None``: the convention's). Default ``"local"``, as in result files.
+    variance : {"sumsq", "two_pass"}
+        Local moment algorithm (:func:`refsyncbn.forward`).
+    convert : callable, optional
+        Maps each NumPy input array to the array type under test (e.g. an
+        array-API namespace on a device); default: NumPy inputs.
+    statistics : bool
+        Also return ``mean`` and ``var``: the float64 per-channel statistics
+        the forward pass normalized with.
 
     Returns
     -------
     dict
         ``y``, ``dx``, ``dweight``, ``dbias``, ``running_mean``,
         ``running_var`` (``None`` where absent): ``y``/``dx`` in the dtype of
-        ``x``, parameter gradients in the dtype of ``weight`` (this rank's
-        local contribution), running statistics in their own dtype.
+        ``x``, parameter gradients in the dtype of ``weight``, running
+        statistics in their own dtype; with ``statistics``, ``mean`` and ``var``.
 
     Raises
     ------
@@ -262,17 +275,25 @@ def run_rank(case, comm) -> dict:
                f"{comm.size}; run it on {case.world_size} ranks (mpiexec -n {case.world_size}, "
                f"or --world {case.world_size})")
         raise ValueError(msg)
-    shard = case.shard(comm.rank)
+
+    def conv(a):
+        return a if a is None or convert is None else convert(a)
+
+    shard = {k: conv(v) for k, v in case.shard(comm.rank).items()}
     group = group_comm(comm, case.groups)
     try:
-        res = forward(shard["x"], case.weight, case.bias, running_mean=case.running_mean,
-                      running_var=case.running_var, training=case.training, eps=case.eps,
-                      momentum=case.momentum, data_format=case.data_format,
-                      convention=case.convention, mask=shard.get("mask"), comm=group, xp=np)
+        res = forward(shard["x"], conv(case.weight), conv(case.bias),
+                      running_mean=conv(case.running_mean), running_var=conv(case.running_var),
+                      training=case.training, eps=case.eps, momentum=case.momentum,
+                      data_format=case.data_format, convention=case.convention,
+                      variance=variance, mask=shard.get("mask"), comm=group,
+                      xp=np if convert is None else None)
         out = {"y": res.y, "running_mean": res.running_mean, "running_var": res.running_var,
                "dx": None, "dweight": None, "dbias": None}
+        if statistics:
+            out.update(mean=res.saved.mean, var=res.saved.var)
         if case.dy is not None:
-            grads = backward(shard["dy"], res.saved, param_grads="local")
+            grads = backward(shard["dy"], res.saved, param_grads=param_grads)
             out.update(dx=grads.dx, dweight=grads.dweight, dbias=grads.dbias)
     finally:
         if group is not comm and hasattr(group, "free"):

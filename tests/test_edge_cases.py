@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _simrun import run_case, run_rank
+from _simrun import run_case
 from test_functional import assert_matches_oracle
 
 from refsyncbn import RankError, SimulatedWorld, backward, forward
-from refsyncbn.cases import Case
+from refsyncbn.cases import Case, run_rank
 from refsyncbn.comm.counting import CountingComm
 from refsyncbn.conventions import CONVENTIONS
 from refsyncbn.testing.oracle import expected_outputs
@@ -133,11 +133,11 @@ class TestNonFiniteValues:
         with np.errstate(invalid="ignore"):  # inf - inf in the oracle
             want = expected_outputs(case)
 
-        def body(comm, r):
+        def body(comm):
             with np.errstate(invalid="ignore"):
-                return run_rank(comm, case, r)
+                return run_rank(case, comm, param_grads=None)
 
-        got = SimulatedWorld(2).run(body, [0, 1])
+        got = SimulatedWorld(2).run(body)
         for r in range(2):
             assert not np.isfinite(got[r]["y"][:, 1]).any()
             assert not np.isfinite(got[r]["dx"][:, 1]).any()
