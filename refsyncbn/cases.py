@@ -29,6 +29,8 @@ was given; parameter gradients only with affine).
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,16 +116,7 @@ def read_case(path) -> Case:
         Naming the key that is missing or wrong.
     """
     path = Path(path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        msg = f"{path}: not a readable .npz case file ({exc})"
-        raise ValueError(msg) from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        msg = f"{path}: holds a single array; expected an .npz archive with key 'schema'"
-        raise ValueError(msg)
-    with loaded:
-        data = {k: loaded[k] for k in loaded.files}
+    data = _load_npz(path, "case file")
     schema = str(data.pop("schema", ""))
     if schema != SCHEMA:
         msg = f"{path}: key 'schema' is {schema!r}; expected {SCHEMA!r}"
@@ -166,9 +159,35 @@ def write_result(path, **arrays) -> None:
 
 
 def read_result(path) -> dict:
-    """One rank's outputs as a dict of arrays."""
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    """One rank's outputs as a dict of arrays.
+
+    Raises
+    ------
+    ValueError
+        Naming the file when it is not a readable ``.npz`` archive.
+    """
+    return _load_npz(Path(path), "result file")
+
+
+def _load_npz(path: Path, what: str) -> dict:
+    """Every array of the ``.npz`` archive at ``path``; ValueError naming it if unreadable."""
+    try:
+        # Our own handle: np.load leaks the one it opens when the archive is corrupt.
+        with open(path, "rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                loaded = None
+            else:
+                # A truncated or corrupt archive fails here or at np.load.
+                with loaded:
+                    data = {k: loaded[k] for k in loaded.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        msg = f"{path}: not a readable .npz {what} ({type(exc).__name__}: {exc})"
+        raise ValueError(msg) from None
+    if loaded is None:
+        msg = f"{path}: holds a single array; expected an .npz archive ({what})"
+        raise ValueError(msg)
+    return data
 
 
 def _check(case: Case) -> None:
@@ -215,7 +234,7 @@ def _check(case: Case) -> None:
             raise ValueError(msg)
 
 
-def run_rank(case, comm, *, param_grads="local", variance="sumsq", convert=None,
+def run_rank(case, comm, *, param_grads="local", variance=None, convert=None,
              statistics=False) -> dict:
     """Run ``case`` on the calling rank of ``comm``; what ``rank{r}.npz`` holds.
 
@@ -235,8 +254,8 @@ def run_rank(case, comm, *, param_grads="local", variance="sumsq", convert=None,
     param_grads : {"local", "sum", "mean"} or None
         Reduction of the parameter gradients (:func:`refsyncbn.backward`;
         ``None``: the convention's). Default ``"local"``, as in result files.
-    variance : {"sumsq", "two_pass"}
-        Local moment algorithm (:func:`refsyncbn.forward`).
+    variance : str, optional
+        Variance algorithm of :func:`refsyncbn.forward` (default: its default).
     convert : callable, optional
         Maps each NumPy input array to the array type under test (e.g. an
         array-API namespace on a device); default: NumPy inputs.
@@ -280,14 +299,15 @@ def run_rank(case, comm, *, param_grads="local", variance="sumsq", convert=None,
         return a if a is None or convert is None else convert(a)
 
     shard = {k: conv(v) for k, v in case.shard(comm.rank).items()}
+    options = {} if variance is None else {"variance": variance}
     group = group_comm(comm, case.groups)
     try:
         res = forward(shard["x"], conv(case.weight), conv(case.bias),
                       running_mean=conv(case.running_mean), running_var=conv(case.running_var),
                       training=case.training, eps=case.eps, momentum=case.momentum,
                       data_format=case.data_format, convention=case.convention,
-                      variance=variance, mask=shard.get("mask"), comm=group,
-                      xp=np if convert is None else None)
+                      mask=shard.get("mask"), comm=group, xp=np if convert is None else None,
+                      **options)
         out = {"y": res.y, "running_mean": res.running_mean, "running_var": res.running_var,
                "dx": None, "dweight": None, "dbias": None}
         if statistics:

@@ -653,6 +653,12 @@ def main(args) -> int:
         print("refsyncbn check: error: give CANDIDATE_DIR and CASES_DIR, or --write-probes DIR",
               file=sys.stderr)
         return 2
+    for label, path, holds in (("CANDIDATE_DIR", args.candidate_dir, "<case>/rank{r}.npz"),
+                               ("CASES_DIR", args.cases_dir, "<case>.npz case files")):
+        if not path.is_dir():
+            print(f"refsyncbn check: error: {label} {path} is not a directory; expected a "
+                  f"directory of {holds}", file=sys.stderr)
+            return 2
     model = ErrorModel(args.accumulation, args.variance, args.summation)
     try:
         report = check(args.candidate_dir, args.cases_dir, model=model)
