@@ -59,6 +59,10 @@ class TestDistributionFiles:
 
 
 class TestDocs:
+    def test_readme_links_the_design_document_in_the_repository(self):
+        readme = (ROOT / "README.md").read_text()
+        assert "docs/design.md" in readme and (ROOT / "docs" / "design.md").is_file()
+
     @pytest.mark.parametrize("path", ["README.md", "CHANGELOG.md", "docs"])
     def test_nothing_links_outside_the_repository(self, path):
         files = sorted((ROOT / path).glob("*.md")) if (ROOT / path).is_dir() else [ROOT / path]
