@@ -14,7 +14,8 @@ from .comm.agreement import agree
 from .conventions import _CHOICES
 from .layouts import DATA_FORMATS
 
-__all__ = ["FLOAT_NAMES", "VARIANCE_CODES", "agree_backward", "agree_forward", "dtype_code"]
+__all__ = ["FLOAT_NAMES", "VARIANCE_CODES", "agree_backward", "agree_forward", "dtype_code",
+           "reject"]
 
 FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 VARIANCE_CODES = {"sumsq": 1, "two_pass": 2, "stable": 3, "naive": 4}
@@ -49,6 +50,11 @@ def agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv
     }
     op = "forward(training=True)" if training else "forward(training=False)"
     agree(comm, op, error, fields, _describe)
+
+
+def reject(comm, error, op):
+    """Agreement of a call this rank cannot even decode (bad namespace, convention, format)."""
+    agree(comm, op, error)
 
 
 def agree_backward(comm, error, dy, saved, param_grads, *, xp):

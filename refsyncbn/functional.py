@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _moments
 from ._signature import FLOAT_NAMES as _FLOAT_NAMES
-from ._signature import agree_backward, agree_forward
+from ._signature import agree_backward, agree_forward, reject
 from ._signature import dtype_code as _dtype_code
 from ._xp import namespace
 from .comm.local import LocalComm
@@ -157,12 +157,14 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     >>> res.running_mean
     array([0.2, 2. ])
     """
-    xp = xp or namespace(x, weight, bias, running_mean, running_var, mask)
     comm = LocalComm() if comm is None else comm
-    conv = get_convention(convention)
+    try:
+        xp = xp or namespace(x, weight, bias, running_mean, running_var, mask)
+        conv, layout = get_convention(convention), get_layout(data_format)
+    except (TypeError, ValueError) as exc:
+        reject(comm, exc, "forward(training=True)" if training else "forward(training=False)")
     eps = conv.eps if eps is None else eps
     momentum = conv.momentum if momentum is None else momentum
-    layout = get_layout(data_format)
 
     error = _validate_forward(x, weight, bias, running_mean, running_var, mask, layout,
                               eps, momentum, training, variance, xp=xp)

@@ -7,7 +7,8 @@ fixed-size int64 record::
     [operation, sequence, call, failed, field_1, ..., field_16]
 
 ``operation`` codes the operation, ``sequence`` counts the agreements made on
-this communicator, ``call`` counts this operation's calls on it, ``failed``
+this communicator, ``call`` counts the calls of this function (``forward``,
+``backward``, ``group_comm``, ...) on it, ``failed``
 is this rank's validation outcome, and the fields are the call signature
 (floats as their IEEE-754 bit patterns, unused fields zero). ONE
 ``allreduce_min`` of ``[record, -record]`` gives every rank the minimum and
@@ -123,12 +124,16 @@ def agree(comm, op: str, error: BaseException | None, fields=None, describe=None
 
 
 def _next_call(comm, op: str) -> tuple[int, int]:
-    """This agreement's sequence number on ``comm`` and ``op``'s call number, both from 1."""
+    """This agreement's sequence number on ``comm`` and the function's call number, from 1.
+
+    Calls are counted per function (``forward`` counts training and eval calls).
+    """
+    function = op.split("(")[0]
     with _calls_lock:
         counts = _calls.setdefault(comm, {})
         counts[None] = counts.get(None, 0) + 1
-        counts[op] = counts.get(op, 0) + 1
-        return counts[None], counts[op]
+        counts[function] = counts.get(function, 0) + 1
+        return counts[None], counts[function]
 
 
 def _diagnose(table, rank: int, op: str, names: list, describe) -> str:
