@@ -8,15 +8,12 @@ block ``j`` of every rank in rank order, applies ``fn`` and shares its
 ``(k_out, b)`` part; every rank unpacks the ``(P, k_out, b)`` parts into
 ``(k_out, C)``. MPIComm moves the blocks with ``Alltoall`` + ``Allgather``
 and SimulatedWorld with two exchanges, both through these functions, so the
-two give the same bytes. Per-rank traffic is about ``(k + k_out) C`` values,
-independent of ``P``.
+two give the same bytes. Each rank receives ``P * b * (k + k_out)`` values:
+about ``(k + k_out) C`` whatever ``P`` when ``C >= P``, and ``P (k + k_out)``
+(padding; still far below the all-gather's ``P k C``) when ``C < P``.
 """
 
 from __future__ import annotations
-
-import numpy as np
-
-from .._xp import device_of
 
 __all__ = ["OWNER_MIN_BYTES", "block_width", "pack", "unpack"]
 
@@ -30,28 +27,25 @@ def block_width(size: int, k: int, c: int) -> int | None:
 
     Examples
     --------
-    >>> block_width(4, 2, 65536), block_width(4, 2, 64), block_width(8, 4, 6)
-    (16384, None, None)
+    >>> block_width(4, 2, 65536), block_width(4, 2, 64), block_width(4096, 3, 64)
+    (16384, None, 1)
     """
-    if size < 2 or c < size or size * k * c * 8 < OWNER_MIN_BYTES:
+    if size < 2 or size * k * c * 8 < OWNER_MIN_BYTES:
         return None
     return -(-c // size)
 
 
 def pack(record, size: int, b: int, *, xp):
-    """``(k, C)`` record -> ``(P, k, b)``: row ``j`` holds owner ``j``'s channels."""
+    """``(k, C)`` record -> ``(P, k, b)``: row ``j`` holds owner ``j``'s channels (a new array)."""
     k, c = record.shape
-    channel = np.minimum(np.arange(size * b).reshape(size, 1, b), c - 1)
-    flat = (np.arange(k).reshape(1, k, 1) * c + channel).reshape(-1)
-    idx = xp.asarray(flat, device=device_of(record))
-    return xp.reshape(xp.take(xp.reshape(record, (-1,)), idx, axis=0), (size, k, b))
+    if size * b > c:
+        edge = xp.broadcast_to(record[:, c - 1:], (k, size * b - c))
+        record = xp.concat([record, edge], axis=1)
+    blocks = xp.permute_dims(xp.reshape(record, (k, size, b)), (1, 0, 2))
+    return xp.reshape(xp.reshape(blocks, (-1,)), (size, k, b))  # flattening copies: contiguous
 
 
 def unpack(parts, c: int, *, xp):
     """``(P, k_out, b)`` owners' parts -> the ``(k_out, C)`` result."""
-    _, k_out, b = parts.shape
-    channel = np.arange(c)
-    flat = ((channel // b) * (k_out * b) + np.arange(k_out).reshape(k_out, 1) * b
-            + channel % b).reshape(-1)
-    idx = xp.asarray(flat, device=device_of(parts))
-    return xp.reshape(xp.take(xp.reshape(parts, (-1,)), idx, axis=0), (k_out, c))
+    size, k_out, b = parts.shape
+    return xp.reshape(xp.permute_dims(parts, (1, 0, 2)), (k_out, size * b))[:, :c]
