@@ -122,9 +122,10 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
         One of ``NC, NCL, NLC, NCHW, NHWC, NCDHW, NDHWC``.
     convention : Convention or str
         Weighting, running-variance and momentum rules (see ``conventions``).
-    variance : {"sumsq", "two_pass"}
-        ``sumsq``: one all-reduce of ``[n, c, sum, sumsq]``; ``two_pass``: mean
-        first, then ``sum (x - mean)^2``, two all-reduces.
+    variance : {"stable", "naive"}
+        ``stable`` (default): cancellation-free per-rank ``(n, mean, M2)``
+        records combined exactly in rank order; ``naive``: the emulation of
+        ``E[x^2] - E[x]^2`` some frameworks compute. One data collective either way.
     mask : bool array, optional
         Valid positions (shape of ``x`` without the channel axis): statistics
         use valid positions only; every position is normalized.
