@@ -65,10 +65,10 @@ class TestReferenceInsideItsBound:
 
     @settings(max_examples=40)
     @given(strategies.cases(dtypes=("float64",)) | strategies.hard_cases(dtypes=("float64",)))
-    def test_float64_is_inside_the_float64_sumsq_bound(self, case):
-        # E[x^2] - E[x]^2 across ranks: the float64 two-pass bound does not apply
+    def test_float64_is_inside_the_float64_naive_bound(self, case):
+        # E[x^2] - E[x]^2 across ranks: the float64 stable bound does not apply
         assert_sync_batch_norm_close(_reference(case), case, param_grads="local",
-                                     model=ErrorModel("float64", "sumsq"))
+                                     model=ErrorModel("float64", "naive"))
 
 
     def test_a_constant_channel_gets_no_nan_bound(self):
@@ -93,14 +93,14 @@ class TestLowPrecisionArithmetic:
         actual = run_candidate(lowprec_candidate("float32", "two_pass"), case)
         assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "two_pass"))
 
-    def test_float32_sumsq_is_inside_the_float32_sumsq_bound(self):
+    def test_float32_sumsq_is_inside_the_float32_naive_bound(self):
         case = _mean_std_case(1000.0, 2.0)
         actual = run_candidate(lowprec_candidate("float32", "sumsq"), case)
-        checks = assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "sumsq"))
+        checks = assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "naive"))
         # the (|mean|/std)^2 term is real: the measured error is of the bound's order
         assert _worst(checks, "running_var") > 1e-3
 
-    def test_float32_sumsq_breaks_the_two_pass_bound_on_mean_1000_std_2(self):
+    def test_float32_sumsq_breaks_the_stable_bound_on_mean_1000_std_2(self):
         case = _mean_std_case(1000.0, 2.0)
         actual = run_candidate(lowprec_candidate("float32", "sumsq"), case)
         with pytest.raises(AssertionError, match=r"rank \d, running_var, channel \d") as info:
@@ -116,7 +116,7 @@ class TestLowPrecisionArithmetic:
     def test_cancellation_amplifies_the_sumsq_bound_quadratically(self):
         def bound(mean):
             case = _mean_std_case(mean, 1.0)
-            return ErrorModel(variance="sumsq").bounds(case)[0]["running_var"][0]
+            return ErrorModel(variance="naive").bounds(case)[0]["running_var"][0]
 
         ratio = bound(1000.0) / bound(100.0)
         assert 50 < ratio < 200  # (1000/100)^2 = 100

@@ -595,7 +595,8 @@ def _variance_trait(case, outs):
     mean, var, m = x.mean(0), x.var(0), len(x)
     found = np.array([1.0 / _fit(x[:, c], y[:, c])[0] ** 2 for c in range(x.shape[1])]) - case.eps
     rel = np.abs(found - var) / var
-    _, d_var = _STABLE.statistics_error(np.abs(x).mean(0), (x * x).mean(0), mean, var, m)
+    _, d_var = _STABLE.statistics_error(np.abs(x).mean(0), (x * x).mean(0), mean, var, m,
+                                        u=_STABLE.unit(_F32))
     allowed = _STABLE.safety * d_var / var
     kappa = np.abs(mean) / np.sqrt(var)
     evidence = (f"relative variance error {', '.join(f'{v:.3g}' for v in rel)} at |mean|/std "
@@ -630,11 +631,14 @@ def add_arguments(parser) -> None:
                         help="write the probe cases to DIR and exit")
     parser.add_argument("--expect", default="reference", choices=tuple(CONVENTIONS),
                         help="convention the probes written by --write-probes expect")
-    parser.add_argument("--accumulation", default="float32",
+    parser.add_argument("--accumulation", default=None,
                         choices=("float64", "float32", "bfloat16", "float16"),
-                        help="the candidate's accumulation precision (error model)")
-    parser.add_argument("--variance", default="two_pass", choices=("two_pass", "sumsq"),
-                        help="the candidate's variance algorithm (error model)")
+                        help="the candidate's accumulation precision (error model; default: "
+                             "the data's, at least float32)")
+    parser.add_argument("--variance", default="stable", choices=("stable", "two_pass", "naive"),
+                        help="the candidate's variance algorithm (error model): stable "
+                             "(cancellation-free, per-rank merges included), two_pass, or naive "
+                             "(E[x^2] - E[x]^2 allowance)")
     parser.add_argument("--summation", default="pairwise", choices=("pairwise", "recursive"),
                         help="the candidate's summation order (error model)")
 
