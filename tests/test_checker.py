@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from _candidates import lowprec_candidate, torch_global_candidate
+from _candidates import lowprec_candidate, torch_global_candidate, zoo_candidate
 from _mpirun import mpirun
 
 from refsyncbn import SimulatedWorld
@@ -19,6 +19,7 @@ from refsyncbn.comm import LocalComm
 from refsyncbn.conventions import CONVENTIONS, REFERENCE, TORCH
 from refsyncbn.testing import checker
 from refsyncbn.testing.checker import check, probe_cases, reference_candidate, write_probes
+from refsyncbn.testing.tolerances import ErrorModel
 from refsyncbn.testing.vectors import write_vectors
 
 
@@ -96,9 +97,9 @@ class TestPlantedBugs:
                if not c.passed}
         assert ("cancellation", "y") in bad and ("cancellation", "running_var") in bad
         trait = report.fingerprint["variance"]
-        assert trait.value == "cancellation-prone"
+        assert trait.value == "naive"
         assert "in ~float32" in trait.evidence
-        assert _values(report) == dict(_expected_traits(REFERENCE), variance="cancellation-prone")
+        assert _values(report) == dict(_expected_traits(REFERENCE), variance="naive")
 
     def test_float32_two_pass_passes_the_default_float32_model(self):
         report = check(lowprec_candidate("float32", "two_pass"))
@@ -152,6 +153,95 @@ class TestPlantedBugs:
         assert not report.passed
         assert set(report.errors) == set(probe_cases())
         assert "kernel not implemented" in report.errors["eps"]
+
+
+class TestFrameworkFormulas:
+    """The frameworks' own algorithms read as their presets (zoo formulas, tests/_candidates.py)."""
+
+    def test_torch_per_rank_statistics_merged_by_count_read_torch(self):
+        torch_like = zoo_candidate(stats="two_pass", merge="count", stats_dtype="float64",
+                                   convention="torch")
+        report = check(torch_like, expect="torch")
+        assert report.passed, str(report)
+        assert report.fingerprint["variance"].value == "per-rank-merged"
+        assert report.presets == ("torch",)
+
+    def test_keras_sums_and_squares_read_keras_and_pass_only_the_naive_model(self):
+        keras_like = zoo_candidate(stats="naive", merge="count")
+        assert not check(keras_like, expect="keras").passed
+        report = check(keras_like, expect="keras", model=ErrorModel(variance="naive"))
+        assert report.passed, str(report)
+        assert report.fingerprint["variance"].value == "naive"
+        assert "in ~float32" in report.fingerprint["variance"].evidence
+        assert report.presets == ("keras",)
+
+    def test_flax_pmean_of_moments_reads_flax(self):
+        flax_like = zoo_candidate(stats="naive", merge="equal")
+        report = check(flax_like, expect="flax", model=ErrorModel(variance="naive"))
+        assert report.passed, str(report)
+        assert "flax" in report.presets and "reference" not in report.presets
+
+    def test_a_torch_variant_with_its_own_eps_is_not_torch(self):
+        base = zoo_candidate(stats="two_pass", merge="count", stats_dtype="float64",
+                             convention="torch", eps=1e-3)
+        report = check(base, expect="torch")
+        assert report.fingerprint["eps_value"].value == "0.001"
+        assert report.presets == ()
+
+
+def _fingerprint_of(probe, make_y):
+    """The traits read from outputs ``y = make_y(x)`` (float64 rows) on one probe."""
+    case = probe_cases()[probe]
+    y = make_y(np.asarray(case.x, np.float64))
+    outs = [{"y": y[slice(*case.bounds(r))]} for r in range(case.world_size)]
+    return checker.fingerprint({probe: case}, {probe: outs})
+
+
+def _normalized(var_factor=1.0, eps=None, centre_shift=0.0, probe="cancellation"):
+    """Exact batch norm of the probe (unit affine) with a planted error."""
+    case = probe_cases()[probe]
+    e = case.eps if eps is None else eps
+
+    def make_y(x):
+        mean = x.mean(0) + centre_shift
+        return (x - mean) / np.sqrt(x.var(0) * var_factor + e)
+
+    return _fingerprint_of(probe, make_y)
+
+
+class TestClassifierThresholds:
+    """Each fingerprint threshold on both sides: within 3x inside reads one way, 3x out another."""
+
+    def _variance_bounds(self):
+        case = probe_cases()["cancellation"]
+        x = np.asarray(case.x, np.float64)
+        out = {}
+        for name in ("two_pass", "stable"):
+            model = ErrorModel("float32", name)
+            _, d_var = model.statistics_error(np.abs(x).mean(0), (x * x).mean(0), x.mean(0),
+                                              x.var(0), len(x), u=model.unit(np.float32))
+            out[name] = float(np.min(model.safety * d_var / x.var(0)))
+        return out
+
+    @pytest.mark.parametrize(("bound", "factor", "value"), [
+        ("two_pass", 0.3, "cancellation-free"), ("two_pass", 3, "per-rank-merged"),
+        ("stable", 0.3, "per-rank-merged"), ("stable", 3, "naive")])
+    def test_variance(self, bound, factor, value):
+        rel = factor * self._variance_bounds()[bound]
+        assert _normalized(var_factor=1 + rel)["variance"].value == value
+
+    @pytest.mark.parametrize(("rel", "value"), [(0.005, "as given"), (0.05, "0.00315")])
+    def test_eps_value(self, rel, value):
+        traits = _normalized(eps=probe_cases()["eps"].eps * (1 + rel), probe="eps")
+        assert traits["eps_value"].value == value
+
+    @pytest.mark.parametrize(("share", "value"), [(0.03, "count"), (0.3, "unrecognized")])
+    def test_weighting(self, share, value):
+        x = np.asarray(probe_cases()["weighting"].x, np.float64)
+        splits = probe_cases()["weighting"].splits
+        gap = abs(x[:, 0].mean() - np.mean([x[:splits[0], 0].mean(), x[splits[0]:, 0].mean()]))
+        traits = _normalized(centre_shift=share * gap, probe="weighting")
+        assert traits["weighting"].value == value
 
 
 class TestGlobalBatch:
