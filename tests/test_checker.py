@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -303,11 +304,15 @@ def _cli(*argv):
 
 
 class TestCommandLine:
-    def test_write_probes(self, tmp_path, capsys):
+    def test_write_probes_lists_them_sorted_with_the_next_command(self, tmp_path, capsys):
         assert _cli("--write-probes", str(tmp_path), "--expect", "flax") == 0
         assert sorted(p.stem for p in tmp_path.glob("*.npz")) == sorted(probe_cases())
         assert read_case(tmp_path / "eps.npz").convention == "flax"
-        assert str(tmp_path / "eps.npz") in capsys.readouterr().out
+        lines = capsys.readouterr().out.splitlines()
+        listed = lines[:len(probe_cases())]
+        assert listed == sorted(listed) and str(tmp_path / "eps.npz") in listed
+        assert lines[-1].strip() == (f"python -m refsyncbn check {tmp_path.parent / 'outputs'} "
+                                     f"{tmp_path}")
 
     def test_golden_vectors_pass_and_a_corrupted_one_fails(self, tmp_path, capsys):
         write_vectors(tmp_path)
@@ -318,13 +323,43 @@ class TestCommandLine:
             data = dict(f)
         data["dx"] = data["dx"] * 1.001
         write_result(path, **data)
-        assert _cli(str(tmp_path / "expected"), str(tmp_path / "cases")) == 1
-        assert re.search(r"nchw-f32-uneven-paddle +dx +\S+ +FAIL rank 1", capsys.readouterr().out)
+        json_path, xml_path = tmp_path / "report.json", tmp_path / "report.xml"
+        assert _cli(str(tmp_path / "expected"), str(tmp_path / "cases"), "--json",
+                    str(json_path), "--junit-xml", str(xml_path)) == 1
+        out = capsys.readouterr().out.splitlines()
+        # one screen: header, the failing case, the passing count, verdict
+        assert len(out) == 4, out
+        assert re.match(r"FAIL +nchw-f32-uneven-paddle: rank 1, dx, channel \d", out[1])
+        assert out[2].startswith("ok    55 case(s)")
+        assert out[-1] == "verdict: FAIL: 769 of 770 outputs within the bound"
+        report = json.loads(json_path.read_text())
+        assert not report["passed"] and not report["cases"]["nchw-f32-uneven-paddle"]["passed"]
+        bad = [c for c in report["cases"]["nchw-f32-uneven-paddle"]["checks"] if not c["passed"]]
+        assert [(c["rank"], c["quantity"]) for c in bad] == [(1, "dx")] and bad[0]["ratio"] > 1
+        suite = ET.parse(xml_path).getroot()
+        assert (suite.get("tests"), suite.get("failures")) == ("56", "1")
+        failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+        assert failed == ["nchw-f32-uneven-paddle"]
+
+    def test_verbose_lists_every_case_rank_and_output(self, tmp_path, capsys):
+        write_vectors(tmp_path)
+        assert _cli(str(tmp_path / "expected"), str(tmp_path / "cases"), "-v") == 0
+        out = capsys.readouterr().out.splitlines()
+        assert sum(line.startswith("ok   ") for line in out) == 770
+
+    def test_summary_caps_the_failing_cases(self):
+        report = check(reference_candidate(dataclasses.replace(REFERENCE, weighting="equal")))
+        failing = [n for n, cs in report.checks.items() if not all(c.passed for c in cs)]
+        assert len(failing) >= 2
+        short = report.summary(max_cases=1).splitlines()
+        assert sum(line.startswith("FAIL") for line in short) == 1
+        assert f"... and {len(failing) - 1} more failing case(s) (-v lists all)" in short
 
     def test_usage_errors_exit_2(self, tmp_path, capsys):
         assert _cli(str(tmp_path)) == 2
         assert _cli(str(tmp_path), str(tmp_path)) == 2
-        assert "holds no .npz case files" in capsys.readouterr().err
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 2 and "holds no .npz case files" in err[1]
 
 
 @pytest.mark.mpi

@@ -83,8 +83,10 @@ alternatives differ by 25 % or more, far beyond any float32 bound.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,9 +144,15 @@ class Trait:
 class CheckReport:
     """What :func:`check` found.
 
-    ``checks`` maps each case name to its :class:`QuantityCheck` list,
+    ``checks`` maps each case name to its :class:`QuantityCheck` list (one per
+    rank and output: ``ratio`` is error / bound, pass when at most 1),
     ``errors`` the cases whose outputs could not be obtained to the reason,
-    ``fingerprint`` each trait name to a :class:`Trait`.
+    ``fingerprint`` each trait name to a :class:`Trait`, ``presets`` the
+    presets consistent with the fingerprint.
+
+    ``str(report)`` is a one-screen summary (:meth:`summary`);
+    :meth:`details` lists every check; :meth:`to_dict`, :meth:`write_json`
+    and :meth:`write_junit` export it.
     """
 
     checks: dict
@@ -157,32 +165,99 @@ class CheckReport:
     def passed(self) -> bool:
         return not self.errors and all(c.passed for cs in self.checks.values() for c in cs)
 
-    def __str__(self) -> str:
+    def worst(self, name):
+        """The :class:`QuantityCheck` with the largest ratio of case ``name``."""
+        return max(self.checks[name], key=lambda c: c.ratio)
+
+    def _verdict(self) -> str:
         total = sum(len(cs) for cs in self.checks.values())
         failed = sum(not c.passed for cs in self.checks.values() for c in cs)
-        lines = [f"refsyncbn check: {len(self.checks) + len(self.errors)} case(s), "
-                 f"{self.model}"]
-        wid = max(map(len, [*self.checks, *self.errors, "case"]))
-        lines.append(f"{'case':<{wid}} {'quantity':<13} {'ratio':>9}  worst at")
-        for name, cs in self.checks.items():
-            for key in RESULT_KEYS:
-                mine = [c for c in cs if c.quantity == key]
-                if mine:
-                    worst = max(mine, key=lambda c: c.ratio)
-                    flag = "ok  " if worst.passed else "FAIL"
-                    where = worst.describe().split(f", {key}", 1)
-                    lines.append(f"{name:<{wid}} {key:<13} {worst.ratio:>9.3g}  {flag} "
-                                 f"{''.join(where)}")
-        lines += [f"{name:<{wid}} ERROR {reason}" for name, reason in self.errors.items()]
-        if self.fingerprint:
-            lines.append("fingerprint:")
-            lines += [f"  {t.name:<17} {t.value:<20} {t.evidence}"
-                      for t in self.fingerprint.values()]
-            lines.append(f"  consistent with presets: {', '.join(self.presets) or 'none'}")
         verdict = "PASS" if self.passed else "FAIL"
-        lines.append(f"verdict: {verdict}: {total - failed} of {total} outputs within the bound"
-                     + (f", {len(self.errors)} case(s) without outputs" if self.errors else ""))
-        return "\n".join(lines)
+        return (f"verdict: {verdict}: {total - failed} of {total} outputs within the bound"
+                + (f", {len(self.errors)} case(s) without outputs" if self.errors else ""))
+
+    def _fingerprint_lines(self) -> list[str]:
+        if not self.fingerprint:
+            return []
+        lines = ["fingerprint:"]
+        lines += [f"  {t.name:<17} {t.value:<20} {t.evidence}" for t in self.fingerprint.values()]
+        lines.append(f"  consistent with presets: {', '.join(self.presets) or 'none'}")
+        return lines
+
+    def summary(self, max_cases: int = 15) -> str:
+        """One screen: failing cases (worst first), passing count, fingerprint, verdict."""
+        n_cases = len(self.checks) + len(self.errors)
+        lines = [f"refsyncbn check: {n_cases} case(s), {self.model}"]
+        bad = sorted((n for n, cs in self.checks.items() if not all(c.passed for c in cs)),
+                     key=lambda n: -self.worst(n).ratio)
+        shown = [f"FAIL  {n}: {self.worst(n).describe()}" for n in bad]
+        shown += [f"ERROR {n}: {reason}" for n, reason in self.errors.items()]
+        lines += shown[:max_cases]
+        if len(shown) > max_cases:
+            lines.append(f"... and {len(shown) - max_cases} more failing case(s) (-v lists all)")
+        ok = [n for n in self.checks if n not in bad]
+        if ok:
+            worst = max(ok, key=lambda n: self.worst(n).ratio)
+            lines.append(f"ok    {len(ok)} case(s); largest error/bound {self.worst(worst).ratio:.3g}"
+                         f" ({worst}: {self.worst(worst).describe()})")
+        return "\n".join([*lines, *self._fingerprint_lines(), self._verdict()])
+
+    def details(self) -> str:
+        """Every case, rank and output on its own line, then fingerprint and verdict."""
+        lines = [f"refsyncbn check: {len(self.checks) + len(self.errors)} case(s), {self.model}"]
+        for name, cs in self.checks.items():
+            lines += [f"{'ok  ' if c.passed else 'FAIL'} {name}: {c.describe()}" for c in cs]
+        lines += [f"ERROR {name}: {reason}" for name, reason in self.errors.items()]
+        return "\n".join([*lines, *self._fingerprint_lines(), self._verdict()])
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_dict(self) -> dict:
+        """JSON-ready: verdict, model, per-case checks, errors, fingerprint, presets."""
+        def num(v):
+            return v if math.isfinite(v) else str(v)
+
+        return {
+            "passed": self.passed,
+            "model": {k: getattr(self.model, k)
+                      for k in ("accumulation", "variance", "summation", "safety")},
+            "cases": {name: {"passed": all(c.passed for c in cs), "checks": [
+                {"rank": c.rank, "quantity": c.quantity, "ratio": num(c.ratio),
+                 "error": num(c.error), "bound": num(c.bound), "index": list(c.index),
+                 "channel": c.channel, "problem": c.problem, "passed": c.passed} for c in cs]}
+                for name, cs in self.checks.items()},
+            "errors": dict(self.errors),
+            "fingerprint": {k: {"value": t.value, "evidence": t.evidence}
+                            for k, t in self.fingerprint.items()},
+            "presets": list(self.presets),
+        }
+
+    def write_json(self, path) -> None:
+        """Write :meth:`to_dict` as JSON to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def write_junit(self, path) -> None:
+        """Write a JUnit XML report to ``path``: one testcase per case, the fingerprint as properties."""
+        suite = ET.Element("testsuite", name="refsyncbn.check",
+                           tests=str(len(self.checks) + len(self.errors)),
+                           failures=str(sum(not all(c.passed for c in cs)
+                                            for cs in self.checks.values())),
+                           errors=str(len(self.errors)))
+        props = ET.SubElement(suite, "properties")
+        for key, trait in self.fingerprint.items():
+            ET.SubElement(props, "property", name=f"fingerprint.{key}", value=trait.value)
+        ET.SubElement(props, "property", name="presets", value=",".join(self.presets))
+        for name, cs in self.checks.items():
+            case = ET.SubElement(suite, "testcase", classname="refsyncbn.check", name=name)
+            failed = [c for c in cs if not c.passed]
+            if failed:
+                fail = ET.SubElement(case, "failure", message=self.worst(name).describe())
+                fail.text = "\n".join(c.describe() for c in failed)
+        for name, reason in self.errors.items():
+            case = ET.SubElement(suite, "testcase", classname="refsyncbn.check", name=name)
+            ET.SubElement(case, "error", message=reason)
+        ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
 
 
 def _rng_values(rng, shape, loc, scale, axis):
@@ -268,11 +343,11 @@ def probe_cases(expect="reference") -> dict[str, Case]:
 
 
 def write_probes(directory, expect="reference") -> list[Path]:
-    """Write :func:`probe_cases` as ``directory/<name>.npz``; the paths written."""
+    """Write :func:`probe_cases` as ``directory/<name>.npz``; the paths written, sorted."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, case in probe_cases(expect).items():
+    for name, case in sorted(probe_cases(expect).items()):
         paths.append(directory / f"{name}.npz")
         write_case(paths[-1], case)
     return paths
@@ -690,27 +765,44 @@ def add_arguments(parser) -> None:
                              "(E[x^2] - E[x]^2 allowance)")
     parser.add_argument("--summation", default="pairwise", choices=("pairwise", "recursive"),
                         help="the candidate's summation order (error model)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="list every case, rank and output instead of the summary")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write a JSON report")
+    parser.add_argument("--junit-xml", type=Path, metavar="PATH",
+                        help="also write a JUnit XML report (one testcase per case)")
+
+
+def _error(message) -> int:
+    print(f"refsyncbn check: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(args) -> int:
     """0 when every output is within its bound, 1 when not, 2 for a usage error."""
     if args.write_probes is not None:
         if args.candidate_dir is not None:
-            print("refsyncbn check: error: --write-probes takes no CANDIDATE_DIR/CASES_DIR",
-                  file=sys.stderr)
-            return 2
-        for path in write_probes(args.write_probes, args.expect):
+            return _error("--write-probes takes no CANDIDATE_DIR/CASES_DIR")
+        try:
+            paths = write_probes(args.write_probes, args.expect)
+        except OSError as exc:
+            return _error(exc)
+        for path in paths:
             print(path)
+        out = args.write_probes.parent / "outputs"
+        print(f"next: answer each case with OUT/<case>/rank{{r}}.npz (python -m refsyncbn run "
+              f"{paths[0]} {out / paths[0].stem} --world {WORLD_SIZE} shows the layout), then:\n"
+              f"  python -m refsyncbn check {out} {args.write_probes}")
         return 0
     if args.cases_dir is None:
-        print("refsyncbn check: error: give CANDIDATE_DIR and CASES_DIR, or --write-probes DIR",
-              file=sys.stderr)
-        return 2
+        return _error("give CANDIDATE_DIR and CASES_DIR, or --write-probes DIR")
     model = ErrorModel(args.accumulation, args.variance, args.summation)
     try:
         report = check(args.candidate_dir, args.cases_dir, model=model)
+        if args.json is not None:
+            report.write_json(args.json)
+        if args.junit_xml is not None:
+            report.write_junit(args.junit_xml)
     except (ValueError, OSError) as exc:
-        print(f"refsyncbn check: error: {exc}", file=sys.stderr)
-        return 2
-    print(report)
+        return _error(exc)
+    print(report.details() if args.verbose else report.summary())
     return 0 if report.passed else 1
