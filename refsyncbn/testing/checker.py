@@ -89,6 +89,7 @@ import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -104,6 +105,7 @@ __all__ = [
     "PROBE_EPS",
     "PROBE_MOMENTUM",
     "WORLD_SIZE",
+    "Candidate",
     "CheckReport",
     "Trait",
     "add_arguments",
@@ -129,6 +131,51 @@ _STABLE = ErrorModel("float32", "stable")
 # not match a naive one. MindSpore's kernels differ: no constraint.
 _PRESET_VARIANCE = {"reference": "stable", "torch": "stable", "paddle": "naive",
                     "keras": "naive", "flax": "naive", "chainermn": "naive"}
+
+
+class Candidate(Protocol):
+    """The protocol of an implementation under test: ONE rank's forward and backward.
+
+    Called on every rank of the case's group (as threads of a
+    :class:`~refsyncbn.comm.SimulatedWorld`, or under ``mpiexec`` with
+    ``check(..., comm=MPIComm())``) with NumPy arrays:
+
+    Parameters
+    ----------
+    x, dy : ndarray
+        This rank's local batch and output gradient, ``data_format`` layout,
+        possibly empty (zero rows).
+    weight, bias, running_mean, running_var : ndarray
+        ``(C,)``.
+    eps, momentum : float
+        ``momentum`` in the candidate's OWN meaning (the case's convention).
+    training : bool
+        Batch statistics (True) or the running ones.
+    data_format : str
+        ``"NC"``, ``"NCL"``, ``"NCHW"``, ``"NHWC"``, ...; the probes use
+        ``"NC"``, ``"NCL"``, ``"NCHW"`` and ``"NHWC"``.
+    comm : Communicator
+        This rank's group: ``comm.rank``, ``comm.size`` and
+        ``comm.allreduce_sum(buf, xp=np)`` (element-wise sum over the group,
+        the same result on every rank). Synchronize through it.
+
+    Returns
+    -------
+    dict
+        ``y``, ``dx``, ``dweight``, ``dbias`` (this rank's, reduced as its
+        convention says) and the NEW ``running_mean``, ``running_var``, as
+        arrays of any namespace (missing keys fail their checks).
+
+    Examples
+    --------
+    >>> def my_sync_bn(x, dy, weight, bias, running_mean, running_var, *, eps, momentum,
+    ...                training, data_format, comm):
+    ...     ...
+    >>> # refsyncbn.testing.check(my_sync_bn, expect="torch")
+    """
+
+    def __call__(self, x, dy, weight, bias, running_mean, running_var, *, eps, momentum,
+                 training, data_format, comm) -> dict: ...
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ from .oracle import _group_rows, _rows, _unrows, expected_outputs
 __all__ = [
     "ErrorModel",
     "QuantityCheck",
+    "assert_output_close",
     "assert_sync_batch_norm_close",
     "compare_outputs",
     "unit_roundoff",
@@ -513,3 +514,75 @@ def assert_sync_batch_norm_close(actual: Sequence[Mapping], case, *, model=None,
         lines += [f"  {c.describe()}" for c in failed]
         raise AssertionError("\n".join(lines))
     return checks
+
+
+def assert_output_close(actual, case, output="y", *, rank=0, model=None,
+                        param_grads=None) -> QuantityCheck:
+    """Assert that ONE output array of one rank is within the error model's bound.
+
+    The one-array counterpart of :func:`assert_sync_batch_norm_close`, in the
+    spirit of ``torch.testing.assert_close``: the expected value is the
+    float64 oracle of ``case``, the tolerance the :class:`ErrorModel` bound.
+
+    Parameters
+    ----------
+    actual : array
+        The implementation's ``output`` on world rank ``rank`` (any array
+        namespace; moved to NumPy).
+    case : refsyncbn.cases.Case
+        The problem.
+    output : str
+        One of :data:`refsyncbn.cases.RESULT_KEYS` (``"y"``, ``"dx"``,
+        ``"dweight"``, ``"dbias"``, ``"running_mean"``, ``"running_var"``).
+    rank : int
+        The world rank that produced ``actual``.
+    model : ErrorModel, optional
+        The implementation's arithmetic (default ``ErrorModel()``).
+    param_grads : {"local", "sum", "mean"}, optional
+        Reduction of the parameter gradients (default: the convention's).
+
+    Returns
+    -------
+    QuantityCheck
+        The comparison (passed).
+
+    Raises
+    ------
+    ValueError
+        ``output`` or ``rank`` is not one of the case's.
+    AssertionError
+        Naming the rank, output, channel and element of the largest error
+        and its ratio to the bound.
+
+    Examples
+    --------
+    >>> from refsyncbn.cases import Case
+    >>> x = np.array([[1.0, 2.0], [3.0, 5.0], [4.0, 9.0]], np.float32)
+    >>> case = Case(x=x, running_mean=np.zeros(2, np.float32),
+    ...             running_var=np.ones(2, np.float32), splits=(1, 2), data_format="NC")
+    >>> mean, var = x.mean(0), x.var(0)
+    >>> y1 = (x[1:] - mean) / np.sqrt(var + 1e-5)           # rank 1's y, float32
+    >>> assert_output_close(y1, case, "y", rank=1).passed
+    True
+    >>> assert_output_close(y1 * 1.001, case, "y", rank=1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    AssertionError: rank 1, y, channel ...: |error| ... x the bound ... (ErrorModel(...))
+    """
+    if output not in RESULT_KEYS:
+        msg = f"output is {output!r}; expected one of {RESULT_KEYS}"
+        raise ValueError(msg)
+    if not 0 <= rank < case.world_size:
+        msg = f"rank is {rank!r}; expected an int in [0, {case.world_size}) for this case"
+        raise ValueError(msg)
+    model = ErrorModel() if model is None else model
+    expected = _expected(case, param_grads)
+    if expected[rank].get(output) is None:
+        msg = f"output is {output!r}, which this case does not produce (no dy or no affine)"
+        raise ValueError(msg)
+    bound = model.bounds(case, expected, param_grads=param_grads)[rank][output]
+    axis = 0 if output in _CHANNEL_VECTORS else get_layout(case.data_format).channel_axis
+    result = _compare_one(rank, output, actual, expected[rank][output], bound, axis)
+    if not result.passed:
+        msg = f"{result.describe()} ({model})"
+        raise AssertionError(msg)
+    return result
