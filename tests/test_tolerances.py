@@ -11,6 +11,7 @@ from refsyncbn.testing import expected_outputs, strategies
 from refsyncbn.testing.checker import run_candidate
 from refsyncbn.testing.tolerances import (
     ErrorModel,
+    assert_output_close,
     assert_sync_batch_norm_close,
     compare_outputs,
     unit_roundoff,
@@ -181,3 +182,26 @@ class TestAssertionMessages:
         assert {(c.rank, c.quantity) for c in checks} == {
             (r, k) for r in (0, 1)
             for k in ("y", "dx", "dweight", "dbias", "running_mean", "running_var")}
+
+
+class TestAssertOutputClose:
+    """One array of one rank against the oracle, on both sides of its bound."""
+
+    def setup_method(self):
+        self.case = _mean_std_case(3.0, 2.0)
+        self.expected = expected_outputs(self.case)
+        self.bounds = ErrorModel().bounds(self.case, self.expected)
+
+    @pytest.mark.parametrize("output", ["y", "dx", "running_var"])
+    def test_a_third_of_the_bound_passes_three_times_fails(self, output):
+        exp, bnd = self.expected[1][output], self.bounds[1][output]
+        check = assert_output_close((exp + bnd / 3).astype(np.float64), self.case, output, rank=1)
+        assert 0.3 <= check.ratio <= 0.34
+        with pytest.raises(AssertionError, match=rf"rank 1, {output}, channel \d: .* is 3 x"):
+            assert_output_close(exp + 3 * bnd, self.case, output, rank=1)
+
+    def test_names_a_wrong_output_or_rank(self):
+        with pytest.raises(ValueError, match="output is 'z'; expected one of"):
+            assert_output_close(self.expected[0]["y"], self.case, "z")
+        with pytest.raises(ValueError, match=r"rank is 2; expected an int in \[0, 2\)"):
+            assert_output_close(self.expected[0]["y"], self.case, rank=2)
