@@ -15,6 +15,7 @@ _COMMANDS = {
     "check": ("refsyncbn.testing.checker", "check another implementation's outputs"),
     "vectors": ("refsyncbn.testing.vectors", "write the golden-vector set"),
     "bench": ("refsyncbn.cli.bench", "time forward/backward against baselines"),
+    "conform": ("refsyncbn.cli.conform", "run a real framework's SyncBatchNorm through the checker"),
 }
 
 
