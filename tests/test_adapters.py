@@ -21,25 +21,14 @@ import pytest
 
 from refsyncbn import adapters
 from refsyncbn.adapters import torch as torch_adapter
-from refsyncbn.cases import Case, write_case, write_result
+from refsyncbn.cases import Case
 from refsyncbn.cli import main as cli_main
-from refsyncbn.testing.checker import check, probe_cases
+from refsyncbn.testing.checker import probe_cases
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 needs_flax = pytest.mark.skipif(adapters.missing("flax") is not None, reason="needs jax and flax")
 needs_keras = pytest.mark.skipif(adapters.missing("keras") is not None,
                                  reason="needs tensorflow and keras")
-
-
-def _check_outcomes(tmp_path, cases, outcomes, **kw):
-    """The checker's report on the adapters' outputs, through the directory protocol."""
-    (tmp_path / "cases").mkdir()
-    for name, case in cases.items():
-        write_case(tmp_path / "cases" / f"{name}.npz", case)
-        (tmp_path / "out" / name).mkdir(parents=True)
-        for r, out in enumerate(outcomes[name].outputs):
-            write_result(tmp_path / "out" / name / f"rank{r}.npz", **out)
-    return check(tmp_path / "out", tmp_path / "cases", **kw)
 
 
 class TestRegistry:
@@ -157,7 +146,7 @@ class TestTorchAdapter:
         assert {r["verdict"] for r in report["cases"]} == {"pass"}
         assert "CPU stand-ins for torch's CUDA sync ops" in out.read_text()
 
-    def test_checker_rejects_torch_where_another_convention_is_expected(self, tmp_path):
+    def test_checker_rejects_torch_where_another_convention_is_expected(self):
         probe = probe_cases("torch")["running_stats"]
         cases = {"torch_rules": probe,
                  # the same step expected under the reference rules (biased running variance);
@@ -165,7 +154,7 @@ class TestTorchAdapter:
                  "reference_rules": dataclasses.replace(probe, convention="reference",
                                                         momentum=0.75)}
         outcomes = adapters.run("torch", cases, timeout=120)
-        report = _check_outcomes(tmp_path, cases, outcomes)
+        report = adapters.check_outcomes(cases, outcomes)
         failed = {(n, q.quantity) for n, qs in report.checks.items() for q in qs if not q.passed}
         assert failed == {("reference_rules", "running_var")}
         # the running means agree: the momentum was handed over in torch's meaning

@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cases import RESULT_KEYS, Case, read_result, write_case
+from ..cases import RESULT_KEYS, Case, read_result, write_case, write_result
 
-__all__ = ["FRAMEWORKS", "Outcome", "get_adapter", "missing", "run"]
+__all__ = ["FRAMEWORKS", "Outcome", "check_outcomes", "get_adapter", "missing", "run"]
 
 #: Framework name -> (adapter module, the packages it needs).
 FRAMEWORKS = {
@@ -176,3 +176,33 @@ def _collect(case_dir: Path, case: Case, failure: str) -> Outcome:
         return Outcome(error=failure or "no outputs written")
     outs = [read_result(f) for f in files]
     return Outcome(outputs=[{k: o.get(k) for k in RESULT_KEYS} for o in outs])
+
+
+def check_outcomes(cases: dict, outcomes: dict, *, model=None):
+    """The checker's report on the cases that gave outputs (the directory protocol).
+
+    Parameters
+    ----------
+    cases : dict of str to Case
+    outcomes : dict of str to Outcome
+        From :func:`run`; cases without outputs are left out.
+    model : ErrorModel, optional
+        Passed to :func:`refsyncbn.testing.checker.check`.
+
+    Returns
+    -------
+    refsyncbn.testing.checker.CheckReport
+    """
+    from ..testing.checker import check
+
+    with tempfile.TemporaryDirectory(prefix="refsyncbn-check-") as tmp:
+        cases_dir, cand_dir = Path(tmp, "cases"), Path(tmp, "outputs")
+        cases_dir.mkdir()
+        for name, case in cases.items():
+            if outcomes[name].outputs is None:
+                continue
+            write_case(cases_dir / f"{name}.npz", case)
+            (cand_dir / name).mkdir(parents=True)
+            for r, out in enumerate(outcomes[name].outputs):
+                write_result(cand_dir / name / f"rank{r}.npz", **out)
+        return check(cand_dir, cases_dir, model=model)
