@@ -31,7 +31,7 @@ __all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_devia
 
 PRESET = "flax"
 #: Flax's default ``use_fast_variance=True``: ``E[x^2] - E[x]^2`` (for the error model).
-VARIANCE = "sumsq"
+VARIANCE = "naive"
 LABEL = ("flax.linen.BatchNorm(axis_name=...) under jax.pmap over XLA host devices "
          "(uneven batches padded and masked)")
 _EMPTY = ("an empty device gives NaN in its whole group: its masked E[x] is a mean over "
@@ -45,7 +45,7 @@ _RAGGED = ("process groups of unequal sizes give wrong statistics outside the fi
 DEVIATIONS = (
     "use_fast_variance=True (the default): the variance is E[x^2] - E[x]^2 in the input's "
     "precision (at least float32), so it loses digits like (|mean|/std)^2; the error model "
-    "declares variance='sumsq'",
+    "declares variance='naive'",
     _EMPTY,
     _RAGGED,
 )

@@ -30,7 +30,7 @@ __all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_devia
 
 PRESET = "keras"
 #: ``ops.moments(..., synchronized=True)`` computes ``E[x^2] - E[x]^2`` (for the error model).
-VARIANCE = "sumsq"
+VARIANCE = "naive"
 LABEL = ("keras.layers.BatchNormalization(synchronized=True), TensorFlow backend, under "
          "tf.distribute.MirroredStrategy over logical CPU devices")
 _MASK = ("a mask turns synchronization off: with mask= the layer computes masked moments of "
@@ -41,7 +41,7 @@ _MASK_ONE_CHANNEL = ("with mask= and a single channel the layer raises IndexErro
 DEVIATIONS = (
     "the synchronized variance is E[x^2] - E[x]^2 from all-reduced sums, in the input's "
     "precision (float32 for float32), so it loses digits like (|mean|/std)^2; the error model "
-    "declares variance='sumsq'",
+    "declares variance='naive'",
     _MASK,
     _MASK_ONE_CHANNEL,
 )

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters import FRAMEWORKS, check_outcomes, get_adapter, missing, run
-from ..cases import RESULT_KEYS, Case
+from ..cases import Case
 from ..conventions import CONVENTIONS
 from ..layouts import DATA_FORMATS, get_layout
 from ..testing.checker import probe_cases
@@ -132,27 +132,18 @@ def conform_cases(preset: str, n_cases: int, seed: int) -> dict[str, Case]:
 def conform(framework: str, *, n_cases: int = 12, seed: int = 0, timeout: float = 600.0) -> dict:
     """Run the probes and ``n_cases`` random cases through ``framework``; the report as a dict.
 
-    The error model per case is the framework's arithmetic: accumulation in
-    the case's dtype and the adapter's declared variance algorithm
-    (``VARIANCE``: "two_pass" or "sumsq").
+    The error model is the framework's arithmetic: accumulation in the data's
+    dtype (at least float32) and the adapter's declared variance algorithm
+    (``VARIANCE``: "stable" or "naive").
     """
     adapter = get_adapter(framework)
     cases = {**probe_cases(adapter.PRESET), **conform_cases(adapter.PRESET, n_cases, seed)}
     start = time.perf_counter()
     outcomes = run(framework, cases, timeout=timeout)
     wall = time.perf_counter() - start
-    rows, checked = [], {}
-    for dtype in ("float32", "float64"):
-        mine = {n: c for n, c in cases.items()
-                if c.x.dtype.name == dtype and outcomes[n].outputs is not None}
-        if mine:
-            model = ErrorModel(accumulation=dtype, variance=adapter.VARIANCE)
-            checked[dtype] = (check_outcomes(mine, outcomes, model=model), model)
-    for name, case in cases.items():
-        rows.append(_row(name, case, outcomes[name], checked, adapter))
-    probes = checked.get("float32", (None, None))[0]
-    fingerprint = {} if probes is None else {
-        t.name: {"value": t.value, "evidence": t.evidence} for t in probes.fingerprint.values()}
+    model = ErrorModel(variance=adapter.VARIANCE)
+    report = check_outcomes(cases, outcomes, model=model)
+    rows = [_row(name, case, outcomes[name], report, adapter) for name, case in cases.items()]
     failed = [r for r in rows if r["verdict"] in ("FAIL", "error")]
     unexplained = [r["case"] for r in failed if not r["known_deviation"]]
     counts = {v: sum(r["verdict"] == v for r in rows)
@@ -165,15 +156,16 @@ def conform(framework: str, *, n_cases: int = 12, seed: int = 0, timeout: float 
         "framework": framework, "label": adapter.LABEL, "preset": adapter.PRESET,
         "versions": {p: _version(p) for p in ("numpy", *FRAMEWORKS[framework][1])},
         "command": f"python -m refsyncbn conform {framework} --cases {n_cases} --seed {seed}",
-        "error_model": {d: repr(m) for d, (_, m) in checked.items()},
-        "wall_s": round(wall, 1), "cases": rows, "fingerprint": fingerprint,
-        "consistent_presets": [] if probes is None else list(probes.presets),
+        "error_model": repr(model), "wall_s": round(wall, 1), "cases": rows,
+        "fingerprint": {t.name: {"value": t.value, "evidence": t.evidence}
+                        for t in report.fingerprint.values()},
+        "consistent_presets": list(report.presets),
         "deviations": list(adapter.DEVIATIONS), "summary": summary,
         "unexplained_failures": unexplained,
     }
 
 
-def _row(name, case, outcome, checked, adapter) -> dict:
+def _row(name, case, outcome, report, adapter) -> dict:
     """One case's line of the report."""
     row = {"case": name, "world": case.world_size, "splits": list(case.splits),
            "groups": case.groups, "data_format": case.data_format, "dtype": case.x.dtype.name,
@@ -183,11 +175,10 @@ def _row(name, case, outcome, checked, adapter) -> dict:
         return {**row, "verdict": "not expressible", "note": outcome.not_expressible}
     if outcome.error:
         return {**row, "verdict": "error", "note": outcome.error}
-    report = checked[case.x.dtype.name][0]
     if name in report.errors:
         return {**row, "verdict": "error", "note": report.errors[name]}
     qs = report.checks[name]
-    worst = max(qs, key=lambda q: (q.ratio, RESULT_KEYS.index(q.quantity)))
+    worst = report.worst(name)
     row["worst"] = {"quantity": worst.quantity, "rank": worst.rank,
                     "ratio": _num(worst.ratio), "error": _num(worst.error),
                     "bound": _num(worst.bound)}
@@ -224,7 +215,8 @@ def markdown(report: dict) -> str:
              f"`{report['preset']}` preset.", "",
              f"- command: `{report['command']}` ({report['wall_s']} s for the framework's run)",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             *(f"- error model ({d} cases): `{m}`" for d, m in report["error_model"].items()),
+             f"- error model: `{report['error_model']}` (accumulation: the data's dtype, "
+             "at least float32)",
              f"- summary: {report['summary']}", "",
              "## Cases", "",
              "| case | ranks | splits | groups | format | dtype | mode | verdict "
