@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cases import RESULT_KEYS, Case, read_result, write_case, write_result
@@ -57,12 +57,14 @@ class Outcome:
     Exactly one of ``outputs`` (a list of per-world-rank dicts, keys of
     :data:`refsyncbn.cases.RESULT_KEYS`), ``not_expressible`` (the framework
     has no way to state the case) and ``error`` (the framework raised, or
-    the run failed) is set.
+    the run failed) is set. ``variants`` holds the outputs of the same case
+    run another way (Flax: ``"shard_map"`` besides pmap), by name.
     """
 
     outputs: list | None = None
     not_expressible: str = ""
     error: str = ""
+    variants: dict = field(default_factory=dict)
 
 
 def get_adapter(framework: str):
@@ -171,11 +173,20 @@ def _collect(case_dir: Path, case: Case, failure: str) -> Outcome:
     if errors:
         return Outcome(error="; ".join(f"{p.name.split('.')[0]}: {p.read_text().strip()}"
                                        for p in errors))
-    files = [case_dir / f"rank{r}.npz" for r in range(case.world_size)]
-    if not all(f.exists() for f in files):
+    outs = _read_ranks(case_dir, case.world_size)
+    if outs is None:
         return Outcome(error=failure or "no outputs written")
-    outs = [read_result(f) for f in files]
-    return Outcome(outputs=[{k: o.get(k) for k in RESULT_KEYS} for o in outs])
+    variants = {d.name: _read_ranks(d, case.world_size) for d in sorted(case_dir.iterdir())
+                if d.is_dir()}
+    return Outcome(outputs=outs, variants={k: v for k, v in variants.items() if v is not None})
+
+
+def _read_ranks(directory: Path, world: int) -> list | None:
+    """``directory/rank{r}.npz`` for every rank, as result dicts; ``None`` if one is missing."""
+    files = [directory / f"rank{r}.npz" for r in range(world)]
+    if not all(f.exists() for f in files):
+        return None
+    return [{k: o.get(k) for k in RESULT_KEYS} for o in map(read_result, files)]
 
 
 def check_outcomes(cases: dict, outcomes: dict, *, model=None):

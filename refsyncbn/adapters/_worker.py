@@ -35,16 +35,23 @@ def momentum_for(case, meaning: str) -> float:
 
 
 def run_all(cases_dir, out_dir, run_case, wanted=None) -> int:
-    """One-process workers: ``run_case(case)`` (every rank's outputs) for each wanted case."""
+    """One-process workers: ``run_case(case)`` for each wanted case of ``cases_dir``.
+
+    ``run_case`` returns every rank's outputs, or a dict of variant name to
+    them (e.g. pmap and shard_map): the first variant is written to
+    ``out_dir/<case>/``, the others to ``out_dir/<case>/<variant>/``.
+    """
     for name, case in cases_in(cases_dir):
         if wanted is not None and not wanted(case):
             continue
         try:
-            outs = run_case(case)
+            result = run_case(case)
         except Exception as exc:  # the framework's verdict on this case
             for r in range(case.world_size):
                 save_error(out_dir, name, r, exc)
             continue
-        for r, out in enumerate(outs):
-            save(out_dir, name, r, out)
+        variants = result if isinstance(result, dict) else {"": result}
+        for i, (variant, outs) in enumerate(variants.items()):
+            for r, out in enumerate(outs):
+                save(out_dir, name if i == 0 else f"{name}/{variant}", r, out)
     return 0

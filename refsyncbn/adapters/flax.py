@@ -1,13 +1,16 @@
-"""Flax adapter: ``flax.linen.BatchNorm(axis_name="batch")`` under ``jax.pmap``.
+"""Flax adapter: ``flax.linen.BatchNorm(axis_name="batch")`` under ``jax.pmap`` and ``shard_map``.
 
 One worker process (``python -m refsyncbn.adapters.flax CASES_DIR OUT_DIR``)
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=W`` host devices and
 ``JAX_ENABLE_X64=1`` (float64 cases stay float64; float32 ones stay float32).
 Each case runs ``nn.BatchNorm(use_running_average=not training,
 axis=<channel axis>, momentum, epsilon, axis_name="batch",
-axis_index_groups=<groups>)`` under ``jax.pmap`` on ``world_size`` devices;
-``jax.vjp`` inside the mapped function gives ``dx`` and the device's own
-parameter gradients (what a data-parallel step all-reduces afterwards).
+axis_index_groups=<groups>)`` on ``world_size`` devices, once under
+``jax.pmap`` (the outputs) and once under ``jax.shard_map`` over a 1-D mesh
+(the variant ``"shard_map"``, for cases without process groups: shard_map
+has no ``axis_index_groups``); ``jax.vjp`` inside the mapped function gives
+``dx`` and the device's own parameter gradients (what a data-parallel step
+all-reduces afterwards).
 
 pmap needs one shape on every device, so uneven local batches are written
 the way Flax users write them: every device's batch is padded with zero rows
@@ -32,11 +35,15 @@ __all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_devia
 PRESET = "flax"
 #: Flax's default ``use_fast_variance=True``: ``E[x^2] - E[x]^2`` (for the error model).
 VARIANCE = "naive"
-LABEL = ("flax.linen.BatchNorm(axis_name=...) under jax.pmap over XLA host devices "
-         "(uneven batches padded and masked)")
+LABEL = ("flax.linen.BatchNorm(axis_name=...) over XLA host devices under jax.pmap "
+         "(rows '<case>') and jax.shard_map (rows '<case>@shard_map'); uneven batches padded "
+         "and masked")
 _EMPTY = ("an empty device gives NaN in its whole group: its masked E[x] is a mean over "
           "no element (0/0) before lax.pmean, while the flax preset averages over the "
           "non-empty devices")
+_SUMMED = ("under shard_map the parameter gradients are the group's sums, not the device's "
+           "own: the parameters enter the mapped function replicated, and JAX transposes that "
+           "broadcast into a psum (the flax preset's 'local' is pmap's behaviour)")
 _RAGGED = ("process groups of unequal sizes give wrong statistics outside the first group: "
            "lax.pmean divides every group's psum by one group size (jax/_src/lax/parallel.py "
            "assumes all groups are the same size; JAX rejects unequal groups only when "
@@ -48,6 +55,7 @@ DEVIATIONS = (
     "declares variance='naive'",
     _EMPTY,
     _RAGGED,
+    _SUMMED,
 )
 
 
@@ -56,12 +64,14 @@ def unsupported(case) -> str:
     return ""
 
 
-def known_deviation(case) -> str:
+def known_deviation(case, variant="") -> str:
     """The entry of :data:`DEVIATIONS` that explains a failure on ``case`` ('' if none)."""
     if case.training and case.groups is not None and len({len(g) for g in case.groups}) > 1:
         return _RAGGED
     if case.training and 0 in case.splits:
         return _EMPTY
+    if variant == "shard_map" and case.weight is not None and case.dy is not None:
+        return _SUMMED
     return ""
 
 
@@ -82,8 +92,8 @@ def _padded(case, key, n_max, fill):
     return np.stack(parts)
 
 
-def _run_case(case) -> list:
-    """Every rank's outputs of ``nn.BatchNorm`` under ``jax.pmap``."""
+def _run_case(case) -> dict:
+    """Every rank's outputs of ``nn.BatchNorm``, under ``jax.pmap`` and under ``jax.shard_map``."""
     import flax.linen as nn
     import jax
 
@@ -113,14 +123,29 @@ def _run_case(case) -> list:
         dx, dparams = vjp(dy)
         return y, dx, dparams, new
 
-    y, dx, dparams, new = jax.pmap(step, axis_name="batch")(x, dy, mask)
+    def per_device(tree):  # shard_map: a leading device axis for per-device results
+        return jax.tree.map(lambda a: a[None], tree)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:w]), ("batch",))
+    rows = jax.sharding.PartitionSpec("batch")
+    sharded = jax.shard_map(lambda x, dy, mask: per_device(step(x[0], dy[0], mask[0])),
+                            mesh=mesh, in_specs=rows, out_specs=rows)
+    outs = {"pmap": _per_rank(case, jax.pmap(step, axis_name="batch")(x, dy, mask))}
+    if case.groups is None:  # shard_map has no axis_index_groups (NotImplementedError)
+        outs["shard_map"] = _per_rank(case, sharded(x, dy, mask))
+    return outs
+
+
+def _per_rank(case, results) -> list:
+    """Per rank, the outputs of the mapped step (device axis first), padding removed."""
+    y, dx, dparams, new = results
     outs = []
     for r, n in enumerate(case.splits):
         out = {"y": np.asarray(y[r][:n]), "running_mean": np.asarray(new["mean"][r]),
                "running_var": np.asarray(new["var"][r])}
         if case.dy is not None:
             out["dx"] = np.asarray(dx[r][:n])
-            if affine:
+            if case.weight is not None:
                 out.update(dweight=np.asarray(dparams["scale"][r]),
                            dbias=np.asarray(dparams["bias"][r]))
         outs.append(out)

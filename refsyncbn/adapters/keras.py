@@ -57,7 +57,7 @@ def unsupported(case) -> str:
     return ""
 
 
-def known_deviation(case) -> str:
+def known_deviation(case, variant="") -> str:
     """The entry of :data:`DEVIATIONS` that explains a failure on ``case`` ('' if none)."""
     if case.mask is None or not case.training:
         return ""

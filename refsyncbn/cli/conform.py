@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import FRAMEWORKS, check_outcomes, get_adapter, missing, run
+from ..adapters import FRAMEWORKS, Outcome, check_outcomes, get_adapter, missing, run
 from ..cases import Case
 from ..conventions import CONVENTIONS
 from ..layouts import DATA_FORMATS, get_layout
@@ -141,6 +141,10 @@ def conform(framework: str, *, n_cases: int = 12, seed: int = 0, timeout: float 
     start = time.perf_counter()
     outcomes = run(framework, cases, timeout=timeout)
     wall = time.perf_counter() - start
+    for name, outcome in list(outcomes.items()):  # other ways of running it: rows of their own
+        for variant, outs in outcome.variants.items():
+            cases[f"{name}@{variant}"] = cases[name]
+            outcomes[f"{name}@{variant}"] = Outcome(outputs=outs)
     model = ErrorModel(variance=adapter.VARIANCE)
     report = check_outcomes(cases, outcomes, model=model)
     rows = [_row(name, case, outcomes[name], report, adapter) for name, case in cases.items()]
@@ -170,7 +174,7 @@ def _row(name, case, outcome, report, adapter) -> dict:
     row = {"case": name, "world": case.world_size, "splits": list(case.splits),
            "groups": case.groups, "data_format": case.data_format, "dtype": case.x.dtype.name,
            "training": case.training, "verdict": "", "worst": None, "note": "",
-           "known_deviation": adapter.known_deviation(case)}
+           "known_deviation": adapter.known_deviation(case, name.partition("@")[2])}
     if outcome.not_expressible:
         return {**row, "verdict": "not expressible", "note": outcome.not_expressible}
     if outcome.error:
