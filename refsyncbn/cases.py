@@ -20,6 +20,8 @@ key                       meaning
 ``convention``            ``reference, torch, paddle, mindspore, keras, flax,
                           chainermn``
 ``training``              optional bool, default true
+``variance``              optional str, ``"stable"`` (default) or ``"naive"``:
+                          :func:`refsyncbn.forward`'s variance algorithm
 ========================  ====================================================
 
 A per-rank result file (``rank{r}.npz``) holds ``y``, ``dx``, ``dweight``,
@@ -38,7 +40,7 @@ import numpy as np
 
 from .comm.groups import group_comm, validate_process_groups
 from .conventions import CONVENTIONS
-from .functional import backward, forward
+from .functional import VARIANCE_ALGORITHMS, backward, forward
 from .layouts import DATA_FORMATS, get_layout
 
 __all__ = ["RESULT_KEYS", "SCHEMA", "Case", "read_case", "read_result", "run_rank", "write_case",
@@ -67,6 +69,7 @@ class Case:
     dy: np.ndarray | None = None
     mask: np.ndarray | None = None
     groups: list[list[int]] | None = field(default=None)
+    variance: str = "stable"
 
     def __post_init__(self):
         _check(self)
@@ -99,7 +102,7 @@ def write_case(path, case: Case) -> None:
               "running_var": case.running_var, "splits": np.asarray(case.splits, np.int64),
               "eps": np.float64(case.eps), "momentum": np.float64(case.momentum),
               "data_format": np.str_(case.data_format), "convention": np.str_(case.convention),
-              "training": np.bool_(case.training)}
+              "training": np.bool_(case.training), "variance": np.str_(case.variance)}
     arrays.update({k: getattr(case, k) for k in _OPTIONAL_ARRAYS if getattr(case, k) is not None})
     if case.groups is not None:
         width = max(len(g) for g in case.groups)
@@ -134,7 +137,7 @@ def read_case(path) -> Case:
     kwargs = {k: data.pop(k) for k in ("x", "running_mean", "running_var", *_OPTIONAL_ARRAYS)
               if k in data}
     scalars = {"eps": float, "momentum": float, "data_format": str, "convention": str,
-               "training": bool}
+               "training": bool, "variance": str}
     kwargs.update({k: conv(data.pop(k)[()]) for k, conv in scalars.items() if k in data})
     splits = data.pop("splits")
     if splits.ndim != 1 or not np.issubdtype(splits.dtype, np.integer):
@@ -198,6 +201,9 @@ def _check(case: Case) -> None:
     if case.convention not in CONVENTIONS:
         msg = f"key 'convention' is {case.convention!r}; expected one of {tuple(CONVENTIONS)}"
         raise ValueError(msg)
+    if case.variance not in VARIANCE_ALGORITHMS:
+        msg = f"key 'variance' is {case.variance!r}; expected one of {VARIANCE_ALGORITHMS}"
+        raise ValueError(msg)
     layout = get_layout(case.data_format)
     if case.x.ndim != layout.ndim:
         msg = (f"key 'x' has shape {case.x.shape}; expected {layout.ndim}-D for data_format "
@@ -254,8 +260,8 @@ def run_rank(case, comm, *, param_grads="local", variance=None, convert=None,
     param_grads : {"local", "sum", "mean"} or None
         Reduction of the parameter gradients (:func:`refsyncbn.backward`;
         ``None``: the convention's). Default ``"local"``, as in result files.
-    variance : str, optional
-        Variance algorithm of :func:`refsyncbn.forward` (default: its default).
+    variance : {"stable", "naive"}, optional
+        Overrides ``case.variance``.
     convert : callable, optional
         Maps each NumPy input array to the array type under test (e.g. an
         array-API namespace on a device); default: NumPy inputs.
@@ -299,15 +305,14 @@ def run_rank(case, comm, *, param_grads="local", variance=None, convert=None,
         return a if a is None or convert is None else convert(a)
 
     shard = {k: conv(v) for k, v in case.shard(comm.rank).items()}
-    options = {} if variance is None else {"variance": variance}
     group = group_comm(comm, case.groups)
     try:
         res = forward(shard["x"], conv(case.weight), conv(case.bias),
                       running_mean=conv(case.running_mean), running_var=conv(case.running_var),
                       training=case.training, eps=case.eps, momentum=case.momentum,
                       data_format=case.data_format, convention=case.convention,
-                      mask=shard.get("mask"), comm=group, xp=np if convert is None else None,
-                      **options)
+                      variance=case.variance if variance is None else variance,
+                      mask=shard.get("mask"), comm=group, xp=np if convert is None else None)
         out = {"y": res.y, "running_mean": res.running_mean, "running_var": res.running_var,
                "dx": None, "dweight": None, "dbias": None}
         if statistics:

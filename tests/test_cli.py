@@ -227,7 +227,7 @@ class TestSelfcheckJudgesWithTheErrorModel:
         out = capsys.readouterr().out.splitlines()
         headers = [ln for ln in out if ln.startswith("error model: ")]
         assert len(headers) == 1 and len(headers[0]) <= 140, headers
-        assert "ErrorModel('float64', 'two_pass', 'pairwise')" in headers[0]
+        assert "ErrorModel('float64', 'stable', 'pairwise')" in headers[0]
         assert selfcheck.MODEL == selfcheck.ErrorModel("float64")
 
     def test_large_offset_cancellation_fails(self):

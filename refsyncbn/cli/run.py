@@ -20,6 +20,7 @@ from ..cases import read_case, run_rank, write_result
 from ..comm import RankError, SimulatedWorld, default_comm, launched_by_mpiexec
 from ..comm.agreement import agree
 from ..comm.simulated import PeerAborted
+from ..functional import VARIANCE_ALGORITHMS
 from ._common import USER_ERRORS, one_line, positive_int
 
 __all__ = ["add_arguments", "main"]
@@ -32,6 +33,9 @@ def add_arguments(parser) -> None:
                         help="directory for rank{r}.npz (created if missing)")
     parser.add_argument("--world", type=positive_int, metavar="W",
                         help="run W ranks as threads of this process instead of under mpiexec")
+    parser.add_argument("--variance", choices=VARIANCE_ALGORITHMS,
+                        help="variance algorithm, overriding the case file's 'variance' "
+                             "(default there: stable; naive emulates E[x^2] - E[x]^2)")
 
 
 def main(args) -> int:
@@ -49,7 +53,7 @@ def main(args) -> int:
     comm = default_comm()
     try:
         case = _agreed(comm, f"reading {args.case}", _read, args)
-        out = run_rank(case, comm)
+        out = run_rank(case, comm, variance=args.variance)
         _agreed(comm, f"writing {args.out_dir}", _write, args.out_dir, comm.rank, out)
     except USER_ERRORS as exc:
         if getattr(args, "debug", False):
@@ -69,7 +73,7 @@ def _main_simulated(args) -> int:
                "(the MPI ranks are the world)")
         raise ValueError(msg)
     case = _read(args)
-    outs = SimulatedWorld(args.world).run(lambda comm: run_rank(case, comm))
+    outs = SimulatedWorld(args.world).run(lambda comm: run_rank(case, comm, variance=args.variance))
     for r, out in enumerate(outs):
         _write(args.out_dir, r, out)
     print(_wrote(args.out_dir, args.world, outs[0]))
