@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,3 +394,27 @@ def test_public_forward_backward_agree_across_backends(fmt, shape, dtype):
             _assert_within_one_ulp(u, v)
         else:
             np.testing.assert_allclose(u, v, rtol=64 * U64, atol=64 * U64 * 4 * x.size)
+
+
+def test_without_numba_the_numpy_backend_runs_and_says_so_once():
+    """numba that cannot import: one BackendWarning naming the way out, then numpy kernels."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["numba"] = None  # import numba now fails
+        import numpy as np
+        from refsyncbn.functional import backward, forward
+        x = np.arange(12.0, dtype=np.float32).reshape(4, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = [forward(x, data_format="NC").saved.kernels.NAME for _ in range(3)]
+        print(names, [type(w.message).__name__ for w in caught])
+        print(caught[0].message)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    first, message = proc.stdout.splitlines()[:2]
+    assert first == "['numpy', 'numpy', 'numpy'] ['BackendWarning']"
+    assert "numba" in message and "REFSYNCBN_BACKEND=numpy" in message
