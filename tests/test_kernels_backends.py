@@ -418,3 +418,21 @@ def test_without_numba_the_numpy_backend_runs_and_says_so_once():
     first, message = proc.stdout.splitlines()[:2]
     assert first == "['numpy', 'numpy', 'numpy'] ['BackendWarning']"
     assert "numba" in message and "REFSYNCBN_BACKEND=numpy" in message
+
+
+@pytest.mark.parametrize("dy_dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 3, 40), (4, 3, 1)])
+def test_dy_of_another_float_dtype_than_x(dy_dtype, shape):
+    """x float32 with dy float16/float64: the same dx on every backend, in x's dtype."""
+    if not HAS_NUMBA:
+        pytest.skip("needs numba")
+    from refsyncbn.functional import backward, forward
+
+    x, dy = _data(shape, np.float32, seed=8)
+    x = x.reshape(shape[0], shape[1], -1)
+    dx = {}
+    for name in ("numpy", "numba"):
+        res = forward(x, data_format="NCL", backend=name)
+        dx[name] = backward(dy.astype(dy_dtype).reshape(x.shape), res.saved).dx
+    assert dx["numba"].dtype == np.float32
+    _assert_within_one_ulp(dx["numpy"], dx["numba"])

@@ -76,7 +76,7 @@ def normalize(x3, mean, scale, shift, *, xp, dtype):
 
 def grad_sums(dy3, x3, mean, invstd, *, xp):
     """``(sum dy, sum dy * (x - mean) * invstd)`` per channel over all positions (float64)."""
-    b = x3.shape[2]
+    dy3, b = _operand(dy3), x3.shape[2]
     if b >= _ROW_MIN:
         sa, sb = _grad_sums_rows(dy3, x3, mean)
     else:
@@ -87,13 +87,18 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
 def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     """``k_dy * dy - valid * (k_x * (x - mean) + k_0)`` per channel, rounded once to ``dtype``."""
     out = np.empty(x3.shape, dtype=dtype)
-    b = x3.shape[2]
+    dy3, b = _operand(dy3), x3.shape[2]
     if b >= _ROW_MIN:
         _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, _rows_mask(mask3), out)
     else:
         _grad_input_cols(_matrix(dy3), _matrix(x3), mean, k_dy, k_x, k_0, b,
                          _matrix_mask(mask3, x3.shape), _matrix(out))
     return out
+
+
+def _operand(dy3):
+    """``dy3`` as these loops take it: a dy of another float dtype (float16) converted exactly."""
+    return dy3 if dy3.dtype in _DTYPES else np.asarray(dy3, dtype=np.float64)
 
 
 def _matrix(v3):
