@@ -266,15 +266,16 @@ class TestHardRegimes:
         mean, m2 = _backend(backend).moments(x3, None, xp=np)
         _check_moments(mean, m2, x3, None)
 
-    def test_empty_batch_gives_zero_moments_and_empty_outputs(self, backend):
+    @pytest.mark.parametrize("shape", [(0, 3, 5), (0, 3, 40), (2, 3, 0)])
+    def test_no_element_gives_zero_moments_and_empty_outputs(self, backend, shape):
         k = _backend(backend)
-        x3 = np.zeros((0, 3, 5), np.float32)
+        x3 = np.zeros(shape, np.float32)
         mean, m2 = k.moments(x3, None, xp=np)
         assert mean.tolist() == m2.tolist() == [0.0] * 3
         z = np.zeros(3)
-        assert k.normalize(x3, z, z, z, xp=np, dtype=np.float32).shape == (0, 3, 5)
+        assert k.normalize(x3, z, z, z, xp=np, dtype=np.float32).shape == shape
         assert k.grad_sums(x3, x3, z, z, xp=np)[0].tolist() == [0.0] * 3
-        assert k.grad_input(x3, x3, z, z, z, z, None, xp=np, dtype=np.float32).shape == (0, 3, 5)
+        assert k.grad_input(x3, x3, z, z, z, z, None, xp=np, dtype=np.float32).shape == shape
 
     def test_all_masked_channel_positions_give_zero_moments(self, backend):
         x3 = np.full((2, 2, 40), np.nan)

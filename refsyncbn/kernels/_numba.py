@@ -57,6 +57,8 @@ def count(x3, mask3, *, xp) -> int:
 def moments(x3, mask3, *, xp):
     """Local ``(mean, M2)`` per channel (float64; zeros for a channel without elements)."""
     _, c, b = x3.shape
+    if x3.size == 0:  # no element (an empty batch, or no spatial position)
+        return np.zeros(c), np.zeros(c)
     if b >= _ROW_MIN:
         return _moments_rows(x3, _rows_mask(mask3), _BLOCK)
     x2, m2 = _matrix(x3), _matrix_mask(mask3, x3.shape)
@@ -77,7 +79,9 @@ def normalize(x3, mean, scale, shift, *, xp, dtype):
 def grad_sums(dy3, x3, mean, invstd, *, xp):
     """``(sum dy, sum dy * (x - mean) * invstd)`` per channel over all positions (float64)."""
     dy3, b = _operand(dy3), x3.shape[2]
-    if b >= _ROW_MIN:
+    if x3.size == 0:
+        sa = sb = np.zeros(x3.shape[1])
+    elif b >= _ROW_MIN:
         sa, sb = _grad_sums_rows(dy3, x3, mean)
     else:
         sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), mean, b)
