@@ -213,7 +213,9 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
             kx3 = xp.astype(x3, xp.float64) / xp.reshape(pow2, (1, -1, 1))
             kmean = mean / pow2
             kinvstd = 1.0 / xp.sqrt(var_s + eps / (pow2 * pow2))
-            invstd = kinvstd / pow2
+            invstd = xp.where(xp.isfinite(var), 1.0 / xp.sqrt(var + eps), kinvstd / pow2)
+            if eps > 0:  # var_s = 0: x - mean is 0 (M2 = 0), keep 0 * kinvstd finite
+                kinvstd = xp.minimum(kinvstd, xp.full_like(kinvstd, np.finfo(np.float64).max))
         scale = kinvstd if weight is None else kinvstd * xp.astype(weight, xp.float64)
     shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
     y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
@@ -283,7 +285,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
         w = xp.ones_like(s.invstd) if not affine else xp.astype(s.weight, xp.float64)
         k_dy = w * s.invstd
         if s.training:  # x_hat * B = (x3 - kmean) * kinvstd * B
-            k_x, k_0 = k_dy * s.kinvstd * b_sum * s.omega, k_dy * a_sum * s.omega
+            k_x, k_0 = k_dy * (s.kinvstd * b_sum * s.omega), k_dy * a_sum * s.omega
         else:
             k_x = k_0 = xp.zeros_like(k_dy)
     dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, k_dy, k_x, k_0, s.mask3, xp=xp,

@@ -269,6 +269,21 @@ class TestFiniteInputsOfAnyMagnitude:
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float64)
         assert max(worst.values()) <= 1.0, worst
 
+    @pytest.mark.parametrize("eps", [1e-5, 0.0])
+    def test_a_constant_channel_near_1e300_normalizes_to_the_bias(self, eps):
+        # the deviations from a rounded mean (~1e284) have squares beyond float64
+        x = np.full((70, 2, 3), 1e300 / 3)
+        x[:, 0] = np.random.default_rng(10).standard_normal((70, 3))
+        res = forward(x, np.ones(2), np.array([0.0, 0.5]), eps=eps, data_format="NCL")
+        g = backward(np.ones_like(x), res.saved)
+        assert res.saved.var[1] == 0.0
+        if eps:
+            assert (res.y[:, 1] == 0.5).all() and (g.dx[:, 1] == 0.0).all()
+            assert res.saved.invstd[1] == 1 / np.sqrt(eps)
+        else:  # documented: 0 * inf
+            assert np.isnan(res.y[:, 1]).all()
+        assert np.isfinite(res.y[:, 0]).all()
+
     def test_naive_variance_gives_nan_there(self):
         x = _huge("1e160", np.random.default_rng(8))
         res = forward(x, data_format="NCL", variance="naive")
