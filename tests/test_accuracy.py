@@ -226,6 +226,26 @@ class TestLowPrecisionCorrectlyRounded:
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float16)
         assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
 
+    @pytest.mark.parametrize("kappa", [1.0, 1e2])
+    def test_bfloat16_y_and_dx_through_torch(self, kappa):
+        torch = pytest.importorskip("torch", reason="needs torch for bfloat16 arrays")
+        x, dy, w, b = _data(4, (9, 2, 4), np.float64, kappa)
+        to = [torch.from_numpy(a).to(torch.bfloat16) for a in (x, dy, w, b)]
+        x, dy, w, b = (t.to(torch.float64).numpy() for t in to)  # the values actually used
+        res = forward(to[0], to[2], to[3], data_format="NCL")
+        dx = backward(to[1], res.saved).dx
+        ex, shards, dys = _exact(x, dy, w, b, (9,))
+        bounds, _ = _bounds(ex, shards, dys, w, b)
+        for key, got in (("y", res.y), ("dx", dx)):
+            got = _rows(got.to(torch.float64).numpy(), "NCL")
+            exact = ex[key][0]
+            mag = np.abs(np.array([float(e) for e in exact.ravel()])).reshape(exact.shape)
+            ulp16 = 2.0 ** (np.frexp(mag)[1] - 8)  # bfloat16: 8 significant bits
+            # torch may round float64 -> bfloat16 through float32: a rare double
+            # rounding adds up to half a float32 ulp
+            bound = 0.5 * ulp16 + 2.0 ** -24 * mag + bounds[0][key]
+            assert (error(got, exact) <= bound).all(), key
+
     def test_naive_float32_at_offset_1e4_is_not_correctly_rounded(self):
         x, dy, w, b = _data(2, (64, 4, 8), np.float32, 1e4)
         splits = (20, 0, 30, 14)
