@@ -371,15 +371,16 @@ def combine_moments(records, *, xp, weighting="count"):
     else:
         w, big_w, q = nonempty, r, m2 / xp.where(n > 0, n, xp.ones_like(n))
     big_w = xp.where(big_w > 0, big_w, xp.ones_like(big_w))  # an empty group raises later
-    mean, var = _chan(w, mu, q, big_w, xp=xp)
-    exp = xp.zeros_like(mean)
-    if not bool(xp.all(e == 0)) or not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
-        exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
-                                _log2(m2, xp=xp) / 2 + e), axis=0)
-        exp = xp.clip(xp.ceil(exp), 0, 1023)
-        down = _pow2(-exp, xp=xp)
-        mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
-        mean = mean_s / down
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow: rescaled; NaN propagates
+        mean, var = _chan(w, mu, q, big_w, xp=xp)
+        exp = xp.zeros_like(mean)
+        if not bool(xp.all(e == 0)) or not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
+            exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
+                                    _log2(m2, xp=xp) / 2 + e), axis=0)
+            exp = xp.clip(xp.ceil(exp), 0, 1023)
+            down = _pow2(-exp, xp=xp)
+            mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
+            mean = mean_s / down
     return xp.stack([m, r, mean, var, exp])
 
 
