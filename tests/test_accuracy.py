@@ -32,6 +32,7 @@ from refsyncbn import SimulatedWorld, backward, forward
 U64 = 2.0 ** -53
 K = 4.0
 EPS = 1e-5
+LAYOUTS = ["C", "F", "negative-strides", "strided-view", "all-true-mask", "NHWC-view"]
 
 
 def _rows(a, data_format):
@@ -330,31 +331,44 @@ class TestLayoutInvariance:
     """Memory layout changes nothing beyond the bound (issue: 3e-10 at offset 1e3)."""
 
     @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-    @pytest.mark.parametrize("layout", ["C", "F", "negative-strides", "strided-view",
-                                        "all-true-mask", "NHWC-view"])
+    @pytest.mark.parametrize("layout", LAYOUTS)
     def test_each_layout_is_within_the_bound(self, layout, dtype):
-        x, dy, w, b = _data(3, (10, 3, 6), dtype, 1e3 if dtype == np.float64 else 1e4)
-        splits = (4, 0, 6)
-        ex, shards, dys = _exact(x, dy, w, b, splits)
-        mask = None
-        if layout == "F":
-            x, dy = np.asfortranarray(x), np.asfortranarray(dy)
-        elif layout == "negative-strides":
-            x, dy = x[:, :, ::-1].copy()[:, :, ::-1], dy[:, :, ::-1].copy()[:, :, ::-1]
-        elif layout == "strided-view":
-            wide, dwide = np.repeat(x, 2, axis=2), np.repeat(dy, 2, axis=2)
-            x, dy = wide[:, :, ::2], dwide[:, :, ::2]
-        elif layout == "all-true-mask":
-            mask = np.ones((10, 6), bool)
-        if layout == "NHWC-view":  # channel-last view of the same numbers
-            x4, dy4 = np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1)
-            got = _run(x4, dy4, w, b, splits, data_format="NLC")
-            got = [{k: (np.moveaxis(v, -1, 1) if k in ("y", "dx") else v) for k, v in g.items()}
-                   for g in got]
-        else:
-            got = _run(x, dy, w, b, splits, mask=mask)
-        worst = _worst(got, ex, shards, dys, w, b, "NCL", dtype)
-        assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
+        kappa = 1e3 if dtype == np.float64 else 1e4
+        _check_layout(layout, *_data(3, (10, 3, 6), dtype, kappa), (4, 0, 6), dtype)
+
+    @settings(max_examples=20)
+    @given(layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from([np.float64, np.float32]),
+           log_kappa=st.floats(0, 6), seed=st.integers(0, 2**32 - 1),
+           splits=st.sampled_from([(5,), (2, 3), (1, 0, 4), (3, 0, 0, 2)]))
+    def test_random_layouts_and_offsets(self, layout, dtype, log_kappa, seed, splits):
+        if dtype == np.float64:
+            log_kappa += 2  # float64 up to 1e8, float32 up to 1e6
+        shape = (sum(splits), 2, 3)
+        _check_layout(layout, *_data(seed, shape, dtype, 10.0**log_kappa), splits, dtype)
+
+
+def _check_layout(layout, x, dy, w, b, splits, dtype):
+    """Run ``x`` stored as ``layout``; ``y`` and ``dx`` within the contract of exact."""
+    ex, shards, dys = _exact(x, dy, w, b, splits)
+    mask = None
+    if layout == "F":
+        x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+    elif layout == "negative-strides":
+        x, dy = x[:, :, ::-1].copy()[:, :, ::-1], dy[:, :, ::-1].copy()[:, :, ::-1]
+    elif layout == "strided-view":
+        wide, dwide = np.repeat(x, 2, axis=2), np.repeat(dy, 2, axis=2)
+        x, dy = wide[:, :, ::2], dwide[:, :, ::2]
+    elif layout == "all-true-mask":
+        mask = np.ones((x.shape[0], x.shape[2]), bool)
+    if layout == "NHWC-view":  # channel-last view of the same numbers
+        got = _run(np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1), w, b, splits,
+                   data_format="NLC")
+        got = [{k: (np.moveaxis(v, -1, 1) if k in ("y", "dx") else v) for k, v in g.items()}
+               for g in got]
+    else:
+        got = _run(x, dy, w, b, splits, mask=mask)
+    worst = _worst(got, ex, shards, dys, w, b, "NCL", dtype)
+    assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
 
 
 def test_four_million_float32_values_at_offset_1e6_are_correctly_rounded():

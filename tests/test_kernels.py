@@ -22,6 +22,8 @@ from fractions import Fraction
 import array_api_strict as xps
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refsyncbn import SimulatedWorld, forward, kernels
 from refsyncbn.kernels import _numpy
@@ -69,7 +71,7 @@ class Backend:
         return tuple(self.back(o) for o in out) if isinstance(out, tuple) else self.back(out)
 
 
-@pytest.fixture(params=["numpy", "numpy-strict", "numba", "cupy"])
+@pytest.fixture(scope="module", params=["numpy", "numpy-strict", "numba", "cupy"])
 def backend(request):
     return Backend(request.param)
 
@@ -196,6 +198,30 @@ class TestBackendsAgree:
         scale = np.abs(dy.astype(np.float64)).sum(axis=(0, 2))
         assert (np.abs(a - a_b) <= TOL * scale).all()
         assert (np.abs(b - b_b) <= TOL * scale * 1e3 * invstd).all()
+
+
+    @settings(max_examples=30)
+    @given(shape=st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(1, 40)),
+           dtype=st.sampled_from(DTYPES), log_offset=st.floats(0, 8),
+           masked=st.booleans(), seed=st.integers(0, 2**32 - 1))
+    def test_random_shapes_and_large_offsets(self, backend, shape, dtype, log_offset, masked,
+                                             seed):
+        if dtype == np.float32:
+            log_offset = min(log_offset, 6.0)
+        x, dy, _, k, _ = _data(shape, dtype, loc=10.0**log_offset, scale=1.0, seed=seed)
+        mask = _mask(shape, seed) if masked else None
+        ref = Backend("numpy")
+        mean, m2 = ref("moments", x, mask)
+        mean_b, m2_b = backend("moments", x, mask)
+        kappa = 1 + 10.0**log_offset
+        assert (np.abs(mean_b - mean) <= 8 * U64 * np.abs(mean)).all()
+        assert (np.abs(m2_b - m2) <= 16 * U64 * kappa * m2 + 1e-300).all()
+        invstd = 1 / np.sqrt(m2 / max(1, shape[0] * shape[2]) + 1e-5)
+        for fn, args in (("normalize", (x, mean, invstd, k)),
+                         ("grad_input", (dy, x, mean, k, invstd * k, k[::-1].copy(), mask))):
+            one, two = ref(fn, *args, dtype=dtype), backend(fn, *args, dtype=dtype)
+            ulp = np.spacing(np.maximum(np.abs(one), np.abs(two)).astype(dtype))
+            assert (np.abs(one.astype(np.float64) - two) <= ulp).all(), fn
 
 
 class TestSpecialValues:
