@@ -3,11 +3,13 @@
 The only caller of communicator collectives. Per channel, with ``m`` the global
 element count of the group:
 
-* each rank packs ``[n_r, c_r, s_r, q_r]`` (count, weight, sum, sum of squares,
-  scaled by the convention's weighting) into ONE buffer and all-reduces it;
-* ``mean = S / Cnt``, ``var = max(Q / Cnt - mean^2, 0)`` (biased),
-  ``invstd = 1 / sqrt(var + eps)``, ``y = (x - mean) * invstd * weight + bias``;
-* backward all-reduces ONE buffer ``[sum dy, sum dy * x_hat]`` and returns
+* each rank computes its record ``[n_r, mean_r, M2_r, e_r]`` with the kernels
+  (cancellation-free, float64; ``e_r`` a power-of-two exponent, 0 unless the
+  squares overflow) and the ranks' records are combined EXACTLY, in rank
+  order, by :func:`combine_moments` inside ONE ``comm.combine``;
+* ``invstd = 1 / sqrt(var + eps)``, ``y = (x - mean) * invstd * weight + bias``
+  in float64, rounded once to the input dtype;
+* backward combines ONE buffer ``[sum dy, sum dy * x_hat]`` and returns
   ``dx = weight * invstd * (dy - omega_r * (A + x_hat * B))`` where ``omega_r``
   is the weight of one of this rank's elements in the statistics (``1 / m``
   for count weighting, ``1 / (R n_r)`` for equal weighting over ``R``
@@ -15,7 +17,8 @@ element count of the group:
 
 Before the first collective of a call every rank validates its own inputs and
 the group agrees on the outcome with one tiny integer all-reduce, so a bad
-input on one rank raises a clear exception on every rank.
+input on one rank raises a clear exception on every rank. The accuracy
+contract and the math: ``docs/numerics.md``.
 """
 
 from __future__ import annotations
@@ -119,9 +122,10 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
         One of ``NC, NCL, NLC, NCHW, NHWC, NCDHW, NDHWC``.
     convention : Convention or str
         Weighting, running-variance and momentum rules (see ``conventions``).
-    variance : {"sumsq", "two_pass"}
-        ``sumsq``: one all-reduce of ``[n, c, sum, sumsq]``; ``two_pass``: mean
-        first, then ``sum (x - mean)^2``, two all-reduces.
+    variance : {"stable", "naive"}
+        ``stable``: per-rank ``(n, mean, M2)`` combined exactly (Chan), no
+        cancellation; ``naive``: emulates ``E[x^2] - E[x]^2`` (Keras, Flax),
+        which loses ``2 log10(|mean| / std)`` digits. Both: ONE collective.
     mask : bool array, optional
         Valid positions (shape of ``x`` without the channel axis): statistics
         use valid positions only; every position is normalized.
@@ -150,7 +154,10 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     Notes
     -----
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``, statistics accumulated
-    in float64. New running statistics: ``r = r * (1 - w) + batch * w`` with
+    in float64; float64 outputs within a small multiple of ``u (1 + |mean| /
+    std)`` of exact, lower-precision ``y`` correctly rounded, finite inputs of
+    any magnitude handled by exact power-of-two scaling (the running variance
+    is ``inf`` when the true one exceeds float64). New running statistics: ``r = r * (1 - w) + batch * w`` with
     ``w = momentum`` (``update``) or ``1 - momentum`` (``retain``); the batch
     variance fed to it is biased or unbiased as the convention says. With
     ``eps=0`` a channel whose variance is exactly 0 gives NaN (0 * inf), as in
