@@ -3,11 +3,13 @@
 The only caller of communicator collectives. Per channel, with ``m`` the global
 element count of the group:
 
-* each rank packs ``[n_r, c_r, s_r, q_r]`` (count, weight, sum, sum of squares,
-  scaled by the convention's weighting) into ONE buffer and all-reduces it;
-* ``mean = S / Cnt``, ``var = max(Q / Cnt - mean^2, 0)`` (biased),
-  ``invstd = 1 / sqrt(var + eps)``, ``y = (x - mean) * invstd * weight + bias``;
-* backward all-reduces ONE buffer ``[sum dy, sum dy * x_hat]`` and returns
+* each rank computes its record ``[n_r, mean_r, M2_r, e_r]`` with the kernels
+  (cancellation-free, float64; ``e_r`` a power-of-two exponent, 0 unless the
+  squares overflow) and the ranks' records are combined EXACTLY, in rank
+  order, by :func:`combine_moments` inside ONE ``comm.combine``;
+* ``invstd = 1 / sqrt(var + eps)``, ``y = (x - mean) * invstd * weight + bias``
+  in float64, rounded once to the input dtype;
+* backward combines ONE buffer ``[sum dy, sum dy * x_hat]`` and returns
   ``dx = weight * invstd * (dy - omega_r * (A + x_hat * B))`` where ``omega_r``
   is the weight of one of this rank's elements in the statistics (``1 / m``
   for count weighting, ``1 / (R n_r)`` for equal weighting over ``R``
@@ -17,7 +19,8 @@ Every pass (training or eval, forward or backward) starts with the agreement
 (``_signature``, ``comm.agreement``): every rank validates its own inputs and
 the group compares operation, call number, call signature and validation
 outcome with one tiny integer all-reduce, so a bad input or a different call
-on one rank raises a clear exception on every rank.
+on one rank raises a clear exception on every rank. The accuracy
+contract and the math: ``docs/numerics.md``.
 """
 
 from __future__ import annotations
@@ -123,9 +126,9 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     convention : Convention or str
         Weighting, running-variance and momentum rules (see ``conventions``).
     variance : {"stable", "naive"}
-        ``stable`` (default): cancellation-free per-rank ``(n, mean, M2)``
-        records combined exactly in rank order; ``naive``: the emulation of
-        ``E[x^2] - E[x]^2`` some frameworks compute. One data collective either way.
+        ``stable``: per-rank ``(n, mean, M2)`` combined exactly (Chan), no
+        cancellation; ``naive``: emulates ``E[x^2] - E[x]^2`` (Keras, Flax),
+        which loses ``2 log10(|mean| / std)`` digits. Both: ONE collective.
     mask : bool array, optional
         Valid positions (shape of ``x`` without the channel axis): statistics
         use valid positions only; every position is normalized.
@@ -154,7 +157,10 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     Notes
     -----
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``, statistics accumulated
-    in float64. New running statistics: ``r = r * (1 - w) + batch * w`` with
+    in float64; float64 outputs within a small multiple of ``u (1 + |mean| /
+    std)`` of exact, lower-precision ``y`` correctly rounded, finite inputs of
+    any magnitude handled by exact power-of-two scaling (the running variance
+    is ``inf`` when the true one exceeds float64). New running statistics: ``r = r * (1 - w) + batch * w`` with
     ``w = momentum`` (``update``) or ``1 - momentum`` (``retain``); the batch
     variance fed to it is biased or unbiased as the convention says. With
     ``eps=0`` a channel whose variance is exactly 0 gives NaN (0 * inf), as in
@@ -212,7 +218,9 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
             kx3 = xp.astype(x3, xp.float64) / xp.reshape(pow2, (1, -1, 1))
             kmean = mean / pow2
             kinvstd = 1.0 / xp.sqrt(var_s + eps / (pow2 * pow2))
-            invstd = kinvstd / pow2
+            invstd = xp.where(xp.isfinite(var), 1.0 / xp.sqrt(var + eps), kinvstd / pow2)
+            if eps > 0:  # var_s = 0: x - mean is 0 (M2 = 0), keep 0 * kinvstd finite
+                kinvstd = xp.minimum(kinvstd, xp.full_like(kinvstd, np.finfo(np.float64).max))
         scale = kinvstd if weight is None else kinvstd * xp.astype(weight, xp.float64)
     shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
     y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
@@ -277,7 +285,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
         w = xp.ones_like(s.invstd) if not affine else xp.astype(s.weight, xp.float64)
         k_dy = w * s.invstd
         if s.training:  # x_hat * B = (x3 - kmean) * kinvstd * B
-            k_x, k_0 = k_dy * s.kinvstd * b_sum * s.omega, k_dy * a_sum * s.omega
+            k_x, k_0 = k_dy * (s.kinvstd * b_sum * s.omega), k_dy * a_sum * s.omega
         else:
             k_x = k_0 = xp.zeros_like(k_dy)
     dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, k_dy, k_x, k_0, s.mask3, xp=xp,
@@ -363,15 +371,16 @@ def combine_moments(records, *, xp, weighting="count"):
     else:
         w, big_w, q = nonempty, r, m2 / xp.where(n > 0, n, xp.ones_like(n))
     big_w = xp.where(big_w > 0, big_w, xp.ones_like(big_w))  # an empty group raises later
-    mean, var = _chan(w, mu, q, big_w, xp=xp)
-    exp = xp.zeros_like(mean)
-    if not bool(xp.all(e == 0)) or not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
-        exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
-                                _log2(m2, xp=xp) / 2 + e), axis=0)
-        exp = xp.clip(xp.ceil(exp), 0, 1023)
-        down = _pow2(-exp, xp=xp)
-        mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
-        mean = mean_s / down
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow: rescaled; NaN propagates
+        mean, var = _chan(w, mu, q, big_w, xp=xp)
+        exp = xp.zeros_like(mean)
+        if not bool(xp.all(e == 0)) or not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
+            exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
+                                    _log2(m2, xp=xp) / 2 + e), axis=0)
+            exp = xp.clip(xp.ceil(exp), 0, 1023)
+            down = _pow2(-exp, xp=xp)
+            mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
+            mean = mean_s / down
     return xp.stack([m, r, mean, var, exp])
 
 

@@ -27,11 +27,12 @@ from _exact import batch_norm, dec, error, ulp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refsyncbn import SimulatedWorld, backward, forward
+from refsyncbn import SimulatedWorld, backward, forward, kernels
 
 U64 = 2.0 ** -53
 K = 4.0
 EPS = 1e-5
+LAYOUTS = ["C", "F", "negative-strides", "strided-view", "all-true-mask", "NHWC-view"]
 
 
 def _rows(a, data_format):
@@ -53,7 +54,7 @@ def _data(seed, shape, dtype, kappa, *, std=1.0):
 
 
 def _run(x, dy, w, b, splits, *, data_format="NCL", variance="stable", convention="reference",
-         mask=None):
+         mask=None, backend=None):
     """Per-rank outputs of a SimulatedWorld step over ``splits`` of the batch axis."""
     edges = np.cumsum((0, *splits))
     c = len(w)
@@ -62,7 +63,7 @@ def _run(x, dy, w, b, splits, *, data_format="NCL", variance="stable", conventio
     def step(comm, r):
         sl = slice(edges[r], edges[r + 1])
         res = forward(x[sl], w, b, running_mean=rm, running_var=rv, data_format=data_format,
-                      variance=variance, convention=convention, comm=comm,
+                      variance=variance, convention=convention, comm=comm, backend=backend,
                       mask=None if mask is None else mask[sl])
         g = backward(dy[sl], res.saved)
         return {"y": res.y, "dx": g.dx, "dweight": g.dweight, "dbias": g.dbias,
@@ -135,6 +136,14 @@ def _running_worst(got, ex, kappa, dtype):
                float((error(got[0]["running_var"], rv) / b_rv).max()))
 
 
+@pytest.fixture(scope="module", params=["numpy", "numba"])
+def cpu_backend(request):
+    """Each CPU kernel backend by name (skipped where it cannot be imported)."""
+    if request.param not in kernels.available():
+        pytest.skip(f"backend {request.param!r} cannot be imported here")
+    return request.param
+
+
 @st.composite
 def regimes(draw, dtype, max_log_kappa):
     world = draw(st.integers(1, 4))
@@ -155,9 +164,9 @@ def regimes(draw, dtype, max_log_kappa):
 class TestFloat64WithinUKappa:
     @settings(max_examples=25)
     @given(case=regimes(np.float64, 8))
-    def test_every_output_on_random_shards(self, case):
+    def test_every_output_on_random_shards(self, case, cpu_backend):
         x, dy, w, b, splits = case
-        got = _run(x, dy, w, b, splits)
+        got = _run(x, dy, w, b, splits, backend=cpu_backend)
         ex, shards, dys = _exact(x, dy, w, b, splits)
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float64)
         assert max(worst.values()) <= 1.0, worst
@@ -176,11 +185,11 @@ class TestFloat64WithinUKappa:
         worst["dx"] /= m
         assert max(worst.values()) <= 1.0, worst
 
-    def test_the_issue_case_offset_1e8_is_within_the_bound(self):
+    def test_the_issue_case_offset_1e8_is_within_the_bound(self, cpu_backend):
         # 4 ranks, uneven shards with an empty one, NCL 64x4x8 (the issue's y error: 0.3)
         x, dy, w, b = _data(0, (64, 4, 8), np.float64, 1e8)
         splits = (20, 0, 30, 14)
-        got = _run(x, dy, w, b, splits)
+        got = _run(x, dy, w, b, splits, backend=cpu_backend)
         ex, shards, dys = _exact(x, dy, w, b, splits)
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float64)
         assert max(worst.values()) <= 1.0, worst
@@ -210,9 +219,9 @@ class TestBothSidesOfTheBound:
 class TestLowPrecisionCorrectlyRounded:
     @settings(max_examples=25)
     @given(case=regimes(np.float32, 6))
-    def test_float32_y_and_dx(self, case):
+    def test_float32_y_and_dx(self, case, cpu_backend):
         x, dy, w, b, splits = case
-        got = _run(x, dy, w, b, splits)
+        got = _run(x, dy, w, b, splits, backend=cpu_backend)
         ex, shards, dys = _exact(x, dy, w, b, splits)
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float32)
         assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
@@ -225,6 +234,26 @@ class TestLowPrecisionCorrectlyRounded:
         ex, shards, dys = _exact(x, dy, w, b, splits)
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float16)
         assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
+
+    @pytest.mark.parametrize("kappa", [1.0, 1e2])
+    def test_bfloat16_y_and_dx_through_torch(self, kappa):
+        torch = pytest.importorskip("torch", reason="needs torch for bfloat16 arrays")
+        x, dy, w, b = _data(4, (9, 2, 4), np.float64, kappa)
+        to = [torch.from_numpy(a).to(torch.bfloat16) for a in (x, dy, w, b)]
+        x, dy, w, b = (t.to(torch.float64).numpy() for t in to)  # the values actually used
+        res = forward(to[0], to[2], to[3], data_format="NCL")
+        dx = backward(to[1], res.saved).dx
+        ex, shards, dys = _exact(x, dy, w, b, (9,))
+        bounds, _ = _bounds(ex, shards, dys, w, b)
+        for key, got in (("y", res.y), ("dx", dx)):
+            got = _rows(got.to(torch.float64).numpy(), "NCL")
+            exact = ex[key][0]
+            mag = np.abs(np.array([float(e) for e in exact.ravel()])).reshape(exact.shape)
+            ulp16 = 2.0 ** (np.frexp(mag)[1] - 8)  # bfloat16: 8 significant bits
+            # torch may round float64 -> bfloat16 through float32: a rare double
+            # rounding adds up to half a float32 ulp
+            bound = 0.5 * ulp16 + 2.0 ** -24 * mag + bounds[0][key]
+            assert (error(got, exact) <= bound).all(), key
 
     def test_naive_float32_at_offset_1e4_is_not_correctly_rounded(self):
         x, dy, w, b = _data(2, (64, 4, 8), np.float32, 1e4)
@@ -253,11 +282,11 @@ def _huge(kind, rng, shape=(12, 3, 2)):
 class TestFiniteInputsOfAnyMagnitude:
     @pytest.mark.parametrize("splits", [(12,), (5, 0, 7)], ids=["1-rank", "3-ranks"])
     @pytest.mark.parametrize("kind", ["1e160", "1e300", "near_max", "far_ranks"])
-    def test_outputs_are_finite_and_within_the_bound(self, kind, splits):
+    def test_outputs_are_finite_and_within_the_bound(self, kind, splits, cpu_backend):
         rng = np.random.default_rng(7)
         x = _huge(kind, rng)
         dy, w, b = rng.standard_normal(x.shape), rng.normal(1, 0.5, 3), rng.normal(0, 1, 3)
-        got = _run(x, dy, w, b, splits)
+        got = _run(x, dy, w, b, splits, backend=cpu_backend)
         ex, shards, dys = _exact(x, dy, w, b, splits)
         for g in got:
             assert all(np.isfinite(g[k]).all() for k in ("y", "dx", "dweight", "dbias"))
@@ -268,6 +297,21 @@ class TestFiniteInputsOfAnyMagnitude:
             assert np.isfinite(g["running_mean"]).all()
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float64)
         assert max(worst.values()) <= 1.0, worst
+
+    @pytest.mark.parametrize("eps", [1e-5, 0.0])
+    def test_a_constant_channel_near_1e300_normalizes_to_the_bias(self, eps):
+        # the deviations from a rounded mean (~1e284) have squares beyond float64
+        x = np.full((70, 2, 3), 1e300 / 3)
+        x[:, 0] = np.random.default_rng(10).standard_normal((70, 3))
+        res = forward(x, np.ones(2), np.array([0.0, 0.5]), eps=eps, data_format="NCL")
+        g = backward(np.ones_like(x), res.saved)
+        assert res.saved.var[1] == 0.0
+        if eps:
+            assert (res.y[:, 1] == 0.5).all() and (g.dx[:, 1] == 0.0).all()
+            assert res.saved.invstd[1] == 1 / np.sqrt(eps)
+        else:  # documented: 0 * inf
+            assert np.isnan(res.y[:, 1]).all()
+        assert np.isfinite(res.y[:, 0]).all()
 
     def test_naive_variance_gives_nan_there(self):
         x = _huge("1e160", np.random.default_rng(8))
@@ -295,31 +339,47 @@ class TestLayoutInvariance:
     """Memory layout changes nothing beyond the bound (issue: 3e-10 at offset 1e3)."""
 
     @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-    @pytest.mark.parametrize("layout", ["C", "F", "negative-strides", "strided-view",
-                                        "all-true-mask", "NHWC-view"])
-    def test_each_layout_is_within_the_bound(self, layout, dtype):
-        x, dy, w, b = _data(3, (10, 3, 6), dtype, 1e3 if dtype == np.float64 else 1e4)
-        splits = (4, 0, 6)
-        ex, shards, dys = _exact(x, dy, w, b, splits)
-        mask = None
-        if layout == "F":
-            x, dy = np.asfortranarray(x), np.asfortranarray(dy)
-        elif layout == "negative-strides":
-            x, dy = x[:, :, ::-1].copy()[:, :, ::-1], dy[:, :, ::-1].copy()[:, :, ::-1]
-        elif layout == "strided-view":
-            wide, dwide = np.repeat(x, 2, axis=2), np.repeat(dy, 2, axis=2)
-            x, dy = wide[:, :, ::2], dwide[:, :, ::2]
-        elif layout == "all-true-mask":
-            mask = np.ones((10, 6), bool)
-        if layout == "NHWC-view":  # channel-last view of the same numbers
-            x4, dy4 = np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1)
-            got = _run(x4, dy4, w, b, splits, data_format="NLC")
-            got = [{k: (np.moveaxis(v, -1, 1) if k in ("y", "dx") else v) for k, v in g.items()}
-                   for g in got]
-        else:
-            got = _run(x, dy, w, b, splits, mask=mask)
-        worst = _worst(got, ex, shards, dys, w, b, "NCL", dtype)
-        assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_each_layout_is_within_the_bound(self, layout, dtype, cpu_backend):
+        kappa = 1e3 if dtype == np.float64 else 1e4
+        _check_layout(layout, *_data(3, (10, 3, 6), dtype, kappa), (4, 0, 6), dtype,
+                      cpu_backend)
+
+    @settings(max_examples=20)
+    @given(layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from([np.float64, np.float32]),
+           log_kappa=st.floats(0, 6), seed=st.integers(0, 2**32 - 1),
+           splits=st.sampled_from([(5,), (2, 3), (1, 0, 4), (3, 0, 0, 2)]))
+    def test_random_layouts_and_offsets(self, layout, dtype, log_kappa, seed, splits,
+                                        cpu_backend):
+        if dtype == np.float64:
+            log_kappa += 2  # float64 up to 1e8, float32 up to 1e6
+        shape = (sum(splits), 2, 3)
+        _check_layout(layout, *_data(seed, shape, dtype, 10.0**log_kappa), splits, dtype,
+                      cpu_backend)
+
+
+def _check_layout(layout, x, dy, w, b, splits, dtype, backend):
+    """Run ``x`` stored as ``layout``; ``y`` and ``dx`` within the contract of exact."""
+    ex, shards, dys = _exact(x, dy, w, b, splits)
+    mask = None
+    if layout == "F":
+        x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+    elif layout == "negative-strides":
+        x, dy = x[:, :, ::-1].copy()[:, :, ::-1], dy[:, :, ::-1].copy()[:, :, ::-1]
+    elif layout == "strided-view":
+        wide, dwide = np.repeat(x, 2, axis=2), np.repeat(dy, 2, axis=2)
+        x, dy = wide[:, :, ::2], dwide[:, :, ::2]
+    elif layout == "all-true-mask":
+        mask = np.ones((x.shape[0], x.shape[2]), bool)
+    if layout == "NHWC-view":  # channel-last view of the same numbers
+        got = _run(np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1), w, b, splits,
+                   data_format="NLC", backend=backend)
+        got = [{k: (np.moveaxis(v, -1, 1) if k in ("y", "dx") else v) for k, v in g.items()}
+               for g in got]
+    else:
+        got = _run(x, dy, w, b, splits, mask=mask, backend=backend)
+    worst = _worst(got, ex, shards, dys, w, b, "NCL", dtype)
+    assert worst["y"] <= 1.0 and worst["dx"] <= 1.0, worst
 
 
 def test_four_million_float32_values_at_offset_1e6_are_correctly_rounded():

@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 from refsyncbn import SimulatedWorld, backward, forward
 from refsyncbn.cases import Case
 from refsyncbn.conventions import get_convention
-from refsyncbn.functional import VARIANCE_ALGORITHMS
+from refsyncbn.functional import VARIANCE_ALGORITHMS, combine_moments
 from refsyncbn.layouts import get_layout
 from refsyncbn.testing.oracle import expected_outputs
 from refsyncbn.testing.strategies import cases, hard_cases
@@ -284,3 +284,51 @@ class TestMasks:
         mask = np.array([[True, False, True]])
         res = forward(x, eps=0.0, data_format="NCL", mask=mask)
         np.testing.assert_allclose(res.y, [[[-1.0, 98.0, 1.0]]], atol=1e-15)
+
+
+def _records(rng, p, c, *, k=0):
+    """Random ``(P, 4, c)`` records (n, mean, M2 / 4^k, e = k) with an empty rank."""
+    n = rng.integers(0, 6, size=(p, 1)).astype(float) * np.ones((1, c))
+    n[0] = 0.0
+    n[-1] = np.maximum(n[-1], 2.0)
+    mean = np.where(n > 0, rng.normal(0, 1, (p, c)) * 1e3 + 1e6, 0.0) * 2.0**k
+    m2 = np.where(n > 1, rng.uniform(0, 1, (p, c)) * n, 0.0)
+    return np.stack([n, mean, m2, np.full((p, c), float(k))], axis=1)
+
+
+class TestCombineMoments:
+    @pytest.mark.parametrize("weighting", ["count", "equal"])
+    def test_matches_exact_rational_arithmetic(self, weighting):
+        from fractions import Fraction
+
+        rec = _records(np.random.default_rng(0), 4, 3)
+        got = combine_moments(rec, xp=np, weighting=weighting)
+        for j in range(3):
+            rows = [(Fraction(int(r[0, j])), Fraction(r[1, j]), Fraction(r[2, j])) for r in rec]
+            full = [(n, mu, m2) for n, mu, m2 in rows if n > 0]
+            w = [n if weighting == "count" else 1 for n, _, _ in full]
+            mean = sum(wi * mu for wi, (_, mu, _) in zip(w, full, strict=True)) / sum(w)
+            q = [m2 if weighting == "count" else m2 / n for n, _, m2 in full]
+            var = (sum(q) + sum(wi * (mu - mean) ** 2 for wi, (_, mu, _)
+                                in zip(w, full, strict=True))) / sum(w)
+            assert got[0, j] == sum(n for n, _, _ in rows) and got[1, j] == len(full)
+            assert abs(Fraction(got[2, j]) - mean) <= 4 * U64 * abs(mean)
+            assert abs(Fraction(got[3, j]) - var) <= 1e-9 * var  # kappa ~ 1e6 here
+            assert got[4, j] == 0
+
+    def test_any_channel_slice_gives_the_same_bytes(self):
+        rec = _records(np.random.default_rng(1), 3, 5)
+        whole = combine_moments(rec, xp=np)
+        for sl in (slice(0, 2), slice(2, 5), slice(4, 5)):
+            assert combine_moments(rec[:, :, sl], xp=np).tobytes() == whole[:, sl].tobytes()
+
+    @pytest.mark.parametrize("k", [1, 500, 1000])
+    def test_power_of_two_scaling_is_exact(self, k):
+        # records of data scaled by 2^k (M2 carried as M2 / 4^k, e = k): the same
+        # bits, shifted in exponent, through the scaled path (E > 0); at k = 1000
+        # the variance itself (~4^1000) is beyond float64
+        base = combine_moments(_records(np.random.default_rng(2), 4, 3), xp=np)
+        scaled = combine_moments(_records(np.random.default_rng(2), 4, 3, k=k), xp=np)
+        assert (base[4] == 0).all() and (scaled[4] > 0).all()
+        np.testing.assert_array_equal(scaled[2], base[2] * 2.0**k)
+        np.testing.assert_array_equal(scaled[3] * 4.0 ** (scaled[4] - k), base[3])
