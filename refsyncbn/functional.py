@@ -485,7 +485,7 @@ def _one_rank_total(record, *, xp):
         return None
     var = record[2, :] / n
     # mean + var overflowing as well leaves the case to combine_moments (no harm)
-    if bool(xp.any(e != 0)) or not bool(xp.all(xp.isfinite(mean + var))):
+    if not bool(xp.all(xp.isfinite(mean + var) & (e == 0))):
         return None
     return xp.stack([record[0, :], xp.ones_like(mean), mean, var, e])
 
