@@ -338,7 +338,7 @@ def combine_moments(records, *, xp, weighting="count"):
     and ``W = R`` (equal), and ``q_r = M2_r`` (count) or ``M2_r / n_r``
     (equal)::
 
-        mean = sum_r w_r mean_r / W
+        mean = sum_r (w_r / W) mean_r
         var  = (sum_r q_r + sum_r w_r (mean_r - mean)^2) / W
 
     No difference of large sums is formed, so there is no cancellation; the
@@ -361,6 +361,10 @@ def combine_moments(records, *, xp, weighting="count"):
            [2.        , 5.        ],
            [2.66666667, 0.        ]])
     """
+    if records.shape[0] == 1:  # one rank: its own record, as the general formulas give it
+        n, mu, m2, e = (records[0, i, :] for i in range(4))
+        nonempty = xp.astype(n > 0, xp.float64)
+        return xp.stack([n, nonempty, mu, m2 / (n + (1.0 - nonempty)), e])
     n, mu, m2, e = (records[:, i, :] for i in range(4))
     nonempty = xp.astype(n > 0, xp.float64)
     m, r = _rank_sum(n, xp=xp), _rank_sum(nonempty, xp=xp)
@@ -372,7 +376,7 @@ def combine_moments(records, *, xp, weighting="count"):
     with np.errstate(over="ignore", invalid="ignore"):  # overflow: rescaled; NaN propagates
         mean, var = _chan(w, mu, q, big_w, xp=xp)
         exp = xp.zeros_like(mean)
-        if not bool(xp.all(e == 0)) or not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
+        if bool(xp.any(e != 0)) or not bool(xp.all(xp.isfinite(mean + var))):
             exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
                                     _log2(m2, xp=xp) / 2 + e), axis=0)
             exp = xp.clip(xp.ceil(exp), 0, 1023)
@@ -384,7 +388,7 @@ def combine_moments(records, *, xp, weighting="count"):
 
 def _chan(w, mu, q, big_w, *, xp):
     """Weighted mean and variance of the ranks' records (see :func:`combine_moments`)."""
-    mean = _rank_sum(w * mu, xp=xp) / big_w
+    mean = _rank_sum(w / big_w * mu, xp=xp)  # = mean_r exactly for one non-empty rank
     d = mu - mean
     return mean, (_rank_sum(q, xp=xp) + _rank_sum(w * d * d, xp=xp)) / big_w
 
@@ -418,7 +422,7 @@ def _local_record(x3, mask3, kern, *, xp):
     n = kern.count(x3, mask3, xp=xp)
     mean, m2 = kern.moments(x3, mask3, xp=xp)
     e = xp.zeros_like(mean)
-    if not bool(xp.all(xp.isfinite(mean) & xp.isfinite(m2))):
+    if not bool(xp.all(xp.isfinite(mean + m2))):
         x = xp.abs(xp.astype(x3, xp.float64))
         if mask3 is not None:
             x = xp.where(mask3, x, xp.zeros_like(x))
