@@ -345,10 +345,10 @@ def combine_moments(records, *, xp, weighting="count"):
     equal weighting gives the value of "mean over ranks of E[x^2] minus
     mean^2" without forming it. Every sum runs over the ranks in rank order,
     element-wise per channel. When an exponent is non-zero or the result
-    overflows (finite data near the float64 range), every term is divided by
-    ``2^E`` (``4^E`` for squares), ``E`` per channel from the magnitudes of the
+    overflows (finite data near the float64 range), that channel's terms are
+    divided by ``2^E`` (``4^E`` for squares), ``E`` from the magnitudes of its
     records: exact, so the scaled result is the unscaled one divided by
-    ``2^E`` (``4^E``).
+    ``2^E`` (``4^E``). Every channel is decided on its own records alone.
 
     Examples
     --------
@@ -376,10 +376,13 @@ def combine_moments(records, *, xp, weighting="count"):
     with np.errstate(over="ignore", invalid="ignore"):  # overflow: rescaled; NaN propagates
         mean, var = _chan(w, mu, q, big_w, xp=xp)
         exp = xp.zeros_like(mean)
-        if bool(xp.any(e != 0)) or not bool(xp.all(xp.isfinite(mean + var))):
+        # per channel (so any channel slice gives the same bytes): scale where a
+        # rank scaled or the plain result overflowed; elsewhere E = 0 is exact
+        need = xp.any(e != 0, axis=0) | ~xp.isfinite(mean + var)
+        if bool(xp.any(need)):
             exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
                                     _log2(m2, xp=xp) / 2 + e), axis=0)
-            exp = xp.clip(xp.ceil(exp), 0, 1023)
+            exp = xp.where(need, xp.clip(xp.ceil(exp), 0, 1023), xp.zeros_like(exp))
             down = _pow2(-exp, xp=xp)
             mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
             mean = mean_s / down
