@@ -66,6 +66,8 @@ def check_diverge(v):
         print(f"rank {rank} {name}: ValueError: {msg}", flush=True)
     y = forward(X, comm=MPIComm(timeout=20), **BASE).y  # the world still works
     v.expect(np.all(np.isfinite(y)), "valid call after the divergences")
+    v.raises(ValueError, "MPIComm: timeout is 0; expected a number of seconds > 0",
+             lambda: MPIComm(timeout=0), "timeout=0")
 
 
 def check_timeout():
