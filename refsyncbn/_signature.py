@@ -18,8 +18,8 @@ __all__ = ["FLOAT_NAMES", "VARIANCE_CODES", "agree_backward", "agree_forward", "
            "reject"]
 
 FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
-VARIANCE_CODES = {"sumsq": 1, "two_pass": 2, "stable": 3, "naive": 4}
-"""Codes of the variance algorithms (old and new names; unknown names code 0)."""
+VARIANCE_CODES = {"stable": 1, "naive": 2}
+"""Codes of the variance algorithms (unknown names code 0)."""
 _VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
 
 

@@ -52,7 +52,7 @@ class TestForwardSignature:
         ({"x": X.astype(np.float32)}, "rank 1 passed dtype float32, rank 0 passed dtype float64"),
         ({"x": X.reshape(4, 2, 3), "data_format": "NLC"},
          "rank 1 passed data_format NLC, rank 0 passed data_format NCL"),
-        ({"variance": "two_pass"}, "rank 1 passed variance two_pass, rank 0 passed variance sumsq"),
+        ({"variance": "naive"}, "rank 1 passed variance naive, rank 0 passed variance stable"),
         ({"convention": "torch", "momentum": 0.1},
          "rank 1 passed momentum_meaning update, rank 0 passed momentum_meaning retain"),
         ({"convention": "paddle"}, "rank 1 passed weighting equal, rank 0 passed weighting count"),

@@ -7,10 +7,11 @@ import json
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from _candidates import lowprec_candidate, torch_global_candidate
+from _candidates import lowprec_candidate, torch_global_candidate, zoo_candidate
 from _mpirun import mpirun
 
 from refsyncbn import SimulatedWorld
@@ -19,6 +20,7 @@ from refsyncbn.comm import LocalComm
 from refsyncbn.conventions import CONVENTIONS, REFERENCE, TORCH
 from refsyncbn.testing import checker
 from refsyncbn.testing.checker import check, probe_cases, reference_candidate, write_probes
+from refsyncbn.testing.tolerances import ErrorModel
 from refsyncbn.testing.vectors import write_vectors
 
 
@@ -45,8 +47,9 @@ class TestReference:
         assert _values(report) == _expected_traits(CONVENTIONS[name])
         assert name in report.presets
 
-    def test_two_pass_reference_is_also_cancellation_free(self):
-        report = check(reference_candidate(variance="two_pass"))
+    def test_naive_variance_reference_passes_at_the_probes_conditioning(self):
+        # float64 E[x^2] - E[x]^2 cancels only far beyond the probes' |mean| / std
+        report = check(reference_candidate(variance="naive"))
         assert report.passed and report.fingerprint["variance"].value == "cancellation-free"
 
     def test_report_text_has_verdict_and_fingerprint(self):
@@ -96,9 +99,9 @@ class TestPlantedBugs:
                if not c.passed}
         assert ("cancellation", "y") in bad and ("cancellation", "running_var") in bad
         trait = report.fingerprint["variance"]
-        assert trait.value == "cancellation-prone"
+        assert trait.value == "naive"
         assert "in ~float32" in trait.evidence
-        assert _values(report) == dict(_expected_traits(REFERENCE), variance="cancellation-prone")
+        assert _values(report) == dict(_expected_traits(REFERENCE), variance="naive")
 
     def test_float32_two_pass_passes_the_default_float32_model(self):
         report = check(lowprec_candidate("float32", "two_pass"))
@@ -152,6 +155,95 @@ class TestPlantedBugs:
         assert not report.passed
         assert set(report.errors) == set(probe_cases())
         assert "kernel not implemented" in report.errors["eps"]
+
+
+class TestFrameworkFormulas:
+    """The frameworks' own algorithms read as their presets (zoo formulas, tests/_candidates.py)."""
+
+    def test_torch_per_rank_statistics_merged_by_count_read_torch(self):
+        torch_like = zoo_candidate(stats="two_pass", merge="count", stats_dtype="float64",
+                                   convention="torch")
+        report = check(torch_like, expect="torch")
+        assert report.passed, str(report)
+        assert report.fingerprint["variance"].value == "per-rank-merged"
+        assert report.presets == ("torch",)
+
+    def test_keras_sums_and_squares_read_keras_and_pass_only_the_naive_model(self):
+        keras_like = zoo_candidate(stats="naive", merge="count")
+        assert not check(keras_like, expect="keras").passed
+        report = check(keras_like, expect="keras", model=ErrorModel(variance="naive"))
+        assert report.passed, str(report)
+        assert report.fingerprint["variance"].value == "naive"
+        assert "in ~float32" in report.fingerprint["variance"].evidence
+        assert report.presets == ("keras",)
+
+    def test_flax_pmean_of_moments_reads_flax(self):
+        flax_like = zoo_candidate(stats="naive", merge="equal")
+        report = check(flax_like, expect="flax", model=ErrorModel(variance="naive"))
+        assert report.passed, str(report)
+        assert "flax" in report.presets and "reference" not in report.presets
+
+    def test_a_torch_variant_with_its_own_eps_is_not_torch(self):
+        base = zoo_candidate(stats="two_pass", merge="count", stats_dtype="float64",
+                             convention="torch", eps=1e-3)
+        report = check(base, expect="torch")
+        assert report.fingerprint["eps_value"].value == "0.001"
+        assert report.presets == ()
+
+
+def _fingerprint_of(probe, make_y):
+    """The traits read from outputs ``y = make_y(x)`` (float64 rows) on one probe."""
+    case = probe_cases()[probe]
+    y = make_y(np.asarray(case.x, np.float64))
+    outs = [{"y": y[slice(*case.bounds(r))]} for r in range(case.world_size)]
+    return checker.fingerprint({probe: case}, {probe: outs})
+
+
+def _normalized(var_factor=1.0, eps=None, centre_shift=0.0, probe="cancellation"):
+    """Exact batch norm of the probe (unit affine) with a planted error."""
+    case = probe_cases()[probe]
+    e = case.eps if eps is None else eps
+
+    def make_y(x):
+        mean = x.mean(0) + centre_shift
+        return (x - mean) / np.sqrt(x.var(0) * var_factor + e)
+
+    return _fingerprint_of(probe, make_y)
+
+
+class TestClassifierThresholds:
+    """Each fingerprint threshold on both sides: within 3x inside reads one way, 3x out another."""
+
+    def _variance_bounds(self):
+        case = probe_cases()["cancellation"]
+        x = np.asarray(case.x, np.float64)
+        out = {}
+        for name in ("two_pass", "stable"):
+            model = ErrorModel("float32", name)
+            _, d_var = model.statistics_error(np.abs(x).mean(0), (x * x).mean(0), x.mean(0),
+                                              x.var(0), len(x), u=model.unit(np.float32))
+            out[name] = float(np.min(model.safety * d_var / x.var(0)))
+        return out
+
+    @pytest.mark.parametrize(("bound", "factor", "value"), [
+        ("two_pass", 0.3, "cancellation-free"), ("two_pass", 3, "per-rank-merged"),
+        ("stable", 0.3, "per-rank-merged"), ("stable", 3, "naive")])
+    def test_variance(self, bound, factor, value):
+        rel = factor * self._variance_bounds()[bound]
+        assert _normalized(var_factor=1 + rel)["variance"].value == value
+
+    @pytest.mark.parametrize(("rel", "value"), [(0.005, "as given"), (0.05, "0.00315")])
+    def test_eps_value(self, rel, value):
+        traits = _normalized(eps=probe_cases()["eps"].eps * (1 + rel), probe="eps")
+        assert traits["eps_value"].value == value
+
+    @pytest.mark.parametrize(("share", "value"), [(0.03, "count"), (0.3, "unrecognized")])
+    def test_weighting(self, share, value):
+        x = np.asarray(probe_cases()["weighting"].x, np.float64)
+        splits = probe_cases()["weighting"].splits
+        gap = abs(x[:, 0].mean() - np.mean([x[:splits[0], 0].mean(), x[splits[0]:, 0].mean()]))
+        traits = _normalized(centre_shift=share * gap, probe="weighting")
+        assert traits["weighting"].value == value
 
 
 class TestGlobalBatch:
@@ -213,11 +305,15 @@ def _cli(*argv):
 
 
 class TestCommandLine:
-    def test_write_probes(self, tmp_path, capsys):
+    def test_write_probes_lists_them_sorted_with_the_next_command(self, tmp_path, capsys):
         assert _cli("--write-probes", str(tmp_path), "--expect", "flax") == 0
         assert sorted(p.stem for p in tmp_path.glob("*.npz")) == sorted(probe_cases())
         assert read_case(tmp_path / "eps.npz").convention == "flax"
-        assert str(tmp_path / "eps.npz") in capsys.readouterr().out
+        lines = capsys.readouterr().out.splitlines()
+        listed = lines[:len(probe_cases())]
+        assert listed == sorted(listed) and str(tmp_path / "eps.npz") in listed
+        assert lines[-1].strip() == (f"python -m refsyncbn check {tmp_path.parent / 'outputs'} "
+                                     f"{tmp_path}")
 
     def test_golden_vectors_pass_and_a_corrupted_one_fails(self, tmp_path, capsys):
         write_vectors(tmp_path)
@@ -228,13 +324,43 @@ class TestCommandLine:
             data = dict(f)
         data["dx"] = data["dx"] * 1.001
         write_result(path, **data)
-        assert _cli(str(tmp_path / "expected"), str(tmp_path / "cases")) == 1
-        assert re.search(r"nchw-f32-uneven-paddle +dx +\S+ +FAIL rank 1", capsys.readouterr().out)
+        json_path, xml_path = tmp_path / "report.json", tmp_path / "report.xml"
+        assert _cli(str(tmp_path / "expected"), str(tmp_path / "cases"), "--json",
+                    str(json_path), "--junit-xml", str(xml_path)) == 1
+        out = capsys.readouterr().out.splitlines()
+        # one screen: header, the failing case, the passing count, verdict
+        assert len(out) == 4, out
+        assert re.match(r"FAIL +nchw-f32-uneven-paddle: rank 1, dx, channel \d", out[1])
+        assert out[2].startswith("ok    55 case(s)")
+        assert out[-1] == "verdict: FAIL: 769 of 770 outputs within the bound"
+        report = json.loads(json_path.read_text())
+        assert not report["passed"] and not report["cases"]["nchw-f32-uneven-paddle"]["passed"]
+        bad = [c for c in report["cases"]["nchw-f32-uneven-paddle"]["checks"] if not c["passed"]]
+        assert [(c["rank"], c["quantity"]) for c in bad] == [(1, "dx")] and bad[0]["ratio"] > 1
+        suite = ET.parse(xml_path).getroot()
+        assert (suite.get("tests"), suite.get("failures")) == ("56", "1")
+        failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+        assert failed == ["nchw-f32-uneven-paddle"]
+
+    def test_verbose_lists_every_case_rank_and_output(self, tmp_path, capsys):
+        write_vectors(tmp_path)
+        assert _cli(str(tmp_path / "expected"), str(tmp_path / "cases"), "-v") == 0
+        out = capsys.readouterr().out.splitlines()
+        assert sum(line.startswith("ok   ") for line in out) == 770
+
+    def test_summary_caps_the_failing_cases(self):
+        report = check(reference_candidate(dataclasses.replace(REFERENCE, weighting="equal")))
+        failing = [n for n, cs in report.checks.items() if not all(c.passed for c in cs)]
+        assert len(failing) >= 2
+        short = report.summary(max_cases=1).splitlines()
+        assert sum(line.startswith("FAIL") for line in short) == 1
+        assert f"... and {len(failing) - 1} more failing case(s) (-v lists all)" in short
 
     def test_usage_errors_exit_2(self, tmp_path, capsys):
         assert _cli(str(tmp_path)) == 2
         assert _cli(str(tmp_path), str(tmp_path)) == 2
-        assert "holds no .npz case files" in capsys.readouterr().err
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 2 and "holds no .npz case files" in err[1]
 
 
 @pytest.mark.mpi

@@ -76,12 +76,12 @@ def _run(comm, steps, deviation):
             seen += [layer.running_mean.tobytes(), layer._saved.mean.tobytes()]
         elif kind == "forward":
             kw = {"training": flag, "eps": 1e-5, "momentum": 0.9, "convention": "reference",
-                  "variance": "sumsq", "mask": None}
+                  "variance": "stable", "mask": None}
             w = b = np.ones(C)
             rm, rv = np.zeros(C), np.ones(C)
             if field in ("training", "eps", "momentum", "convention", "variance", "mask"):
                 kw[field] = {"training": not flag, "eps": np.nextafter(1e-5, 1),
-                             "momentum": 0.5, "convention": "torch", "variance": "two_pass",
+                             "momentum": 0.5, "convention": "torch", "variance": "naive",
                              "mask": np.ones(x.shape[0], bool)}[field]
             x = x.astype(np.float32) if field == "dtype" else x
             w = b = None if field == "affine" else w

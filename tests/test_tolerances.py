@@ -11,6 +11,7 @@ from refsyncbn.testing import expected_outputs, strategies
 from refsyncbn.testing.checker import run_candidate
 from refsyncbn.testing.tolerances import (
     ErrorModel,
+    assert_output_close,
     assert_sync_batch_norm_close,
     compare_outputs,
     unit_roundoff,
@@ -65,10 +66,10 @@ class TestReferenceInsideItsBound:
 
     @settings(max_examples=40)
     @given(strategies.cases(dtypes=("float64",)) | strategies.hard_cases(dtypes=("float64",)))
-    def test_float64_is_inside_the_float64_sumsq_bound(self, case):
-        # E[x^2] - E[x]^2 across ranks: the float64 two-pass bound does not apply
+    def test_float64_is_inside_the_float64_naive_bound(self, case):
+        # E[x^2] - E[x]^2 across ranks: the float64 stable bound does not apply
         assert_sync_batch_norm_close(_reference(case), case, param_grads="local",
-                                     model=ErrorModel("float64", "sumsq"))
+                                     model=ErrorModel("float64", "naive"))
 
 
     def test_a_constant_channel_gets_no_nan_bound(self):
@@ -93,14 +94,14 @@ class TestLowPrecisionArithmetic:
         actual = run_candidate(lowprec_candidate("float32", "two_pass"), case)
         assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "two_pass"))
 
-    def test_float32_sumsq_is_inside_the_float32_sumsq_bound(self):
+    def test_float32_sumsq_is_inside_the_float32_naive_bound(self):
         case = _mean_std_case(1000.0, 2.0)
         actual = run_candidate(lowprec_candidate("float32", "sumsq"), case)
-        checks = assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "sumsq"))
+        checks = assert_sync_batch_norm_close(actual, case, model=ErrorModel("float32", "naive"))
         # the (|mean|/std)^2 term is real: the measured error is of the bound's order
         assert _worst(checks, "running_var") > 1e-3
 
-    def test_float32_sumsq_breaks_the_two_pass_bound_on_mean_1000_std_2(self):
+    def test_float32_sumsq_breaks_the_stable_bound_on_mean_1000_std_2(self):
         case = _mean_std_case(1000.0, 2.0)
         actual = run_candidate(lowprec_candidate("float32", "sumsq"), case)
         with pytest.raises(AssertionError, match=r"rank \d, running_var, channel \d") as info:
@@ -116,7 +117,7 @@ class TestLowPrecisionArithmetic:
     def test_cancellation_amplifies_the_sumsq_bound_quadratically(self):
         def bound(mean):
             case = _mean_std_case(mean, 1.0)
-            return ErrorModel(variance="sumsq").bounds(case)[0]["running_var"][0]
+            return ErrorModel(variance="naive").bounds(case)[0]["running_var"][0]
 
         ratio = bound(1000.0) / bound(100.0)
         assert 50 < ratio < 200  # (1000/100)^2 = 100
@@ -181,3 +182,26 @@ class TestAssertionMessages:
         assert {(c.rank, c.quantity) for c in checks} == {
             (r, k) for r in (0, 1)
             for k in ("y", "dx", "dweight", "dbias", "running_mean", "running_var")}
+
+
+class TestAssertOutputClose:
+    """One array of one rank against the oracle, on both sides of its bound."""
+
+    def setup_method(self):
+        self.case = _mean_std_case(3.0, 2.0)
+        self.expected = expected_outputs(self.case)
+        self.bounds = ErrorModel().bounds(self.case, self.expected)
+
+    @pytest.mark.parametrize("output", ["y", "dx", "running_var"])
+    def test_a_third_of_the_bound_passes_three_times_fails(self, output):
+        exp, bnd = self.expected[1][output], self.bounds[1][output]
+        check = assert_output_close((exp + bnd / 3).astype(np.float64), self.case, output, rank=1)
+        assert 0.3 <= check.ratio <= 0.34
+        with pytest.raises(AssertionError, match=rf"rank 1, {output}, channel \d: .* is 3 x"):
+            assert_output_close(exp + 3 * bnd, self.case, output, rank=1)
+
+    def test_names_a_wrong_output_or_rank(self):
+        with pytest.raises(ValueError, match="output is 'z'; expected one of"):
+            assert_output_close(self.expected[0]["y"], self.case, "z")
+        with pytest.raises(ValueError, match=r"rank is 2; expected an int in \[0, 2\)"):
+            assert_output_close(self.expected[0]["y"], self.case, rank=2)

@@ -42,8 +42,9 @@ from ..comm.counting import CountingComm, Tally
 from ..comm.mpi import default_comm
 from ..functional import backward, forward
 from ..layouts import DATA_FORMATS, get_layout
+from ._common import Progress
 
-__all__ = ["add_arguments", "main", "parse_case"]
+__all__ = ["add_arguments", "main", "missing_columns", "parse_case"]
 
 DEFAULT_CASES = ("NCHW:32x64x56x56", "NCHW:256x256x14x14", "NC:64x1024")
 RESULT_KEYS = ("data_format", "shape", "dtype", "world_size", "local_shape", "forward_ms",
@@ -91,7 +92,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress (a tqdm bar, else a line per tenth of the cases)")
 
 
 def _local_count(n: int, size: int, rank: int) -> int:
@@ -279,17 +281,6 @@ def plot(results, path) -> None:
     plt.close(fig)
 
 
-def _progress(total, rank, disable):
-    """A tqdm bar on rank 0 when tqdm is installed; else a no-op."""
-    if rank != 0 or disable:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="bench", unit="case", file=sys.stderr)
-
-
 def main(args) -> int:
     """Run the benchmark; write JSON / markdown / PNG on rank 0. Returns 0."""
     comm = default_comm()
@@ -298,18 +289,15 @@ def main(args) -> int:
     for name in ("repeat", "warmup", "threads"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             msg = f"--{name} is {getattr(args, name)}; expected a positive integer"
-            raise SystemExit(msg)
+            raise ValueError(msg)
     limit, limited = _blas_limit(args.threads)
-    bar = _progress(len(cases) * len(dtypes), comm.rank, args.no_progress)
     results = []
-    with limit:
+    with limit, Progress(len(cases) * len(dtypes), "bench", "case",
+                         enabled=comm.rank == 0 and not args.no_progress) as bar:
         for fmt, shape in cases:
             for dtype in dtypes:
                 results.append(run_case(fmt, shape, dtype, comm, args))
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
+                bar.update()
     if comm.rank != 0:
         return 0
     meta = {"command": " ".join(sys.argv), "world_size": comm.size,
@@ -324,7 +312,30 @@ def main(args) -> int:
     if args.plot:
         plot(results, args.plot)
     print(table, end="")
+    for note in missing_columns(args, comm.size, meta["torch"]):
+        print(note)
     return 0
+
+
+def missing_columns(args, world_size, torch_version) -> list[str]:
+    """One line per baseline column the table leaves "n/a", saying why.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> missing_columns(argparse.Namespace(no_torch=True, no_single=False), 1, None)
+    ['n/a torch ms, ratio: --no-torch', 'n/a 1-process ms, scaling: one rank (the 1-process run is the run itself)']
+    """
+    notes = []
+    if args.no_torch:
+        notes.append("n/a torch ms, ratio: --no-torch")
+    elif torch_version is None:
+        notes.append("n/a torch ms, ratio: torch is not installed (pip install torch)")
+    if args.no_single:
+        notes.append("n/a 1-process ms, scaling: --no-single")
+    elif world_size == 1:
+        notes.append("n/a 1-process ms, scaling: one rank (the 1-process run is the run itself)")
+    return notes
 
 
 def _torch_version(args):

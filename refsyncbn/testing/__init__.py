@@ -1,13 +1,45 @@
-"""Tools for validating SyncBatchNorm implementations against the reference."""
+"""Tools for validating SyncBatchNorm implementations against the reference.
 
-from .checker import CheckReport, check, probe_cases, reference_candidate, write_probes
+Plug in your own implementation (a :class:`Candidate`: one rank's forward and
+backward synchronizing through ``comm.allreduce_sum``)::
+
+    from refsyncbn.testing import check
+    report = check(my_sync_bn, expect="torch")   # probes, accuracy, fingerprint
+    print(report)                                 # one-screen summary
+    assert report.passed
+
+or from pytest: ``pytest --refsyncbn-candidate=mypackage.module:my_sync_bn``
+(:mod:`refsyncbn.testing.plugin`). One array against the oracle:
+:func:`assert_output_close`; every output of every rank:
+:func:`assert_sync_batch_norm_close`; the bounds: :class:`ErrorModel`.
+"""
+
+from .checker import (
+    Candidate,
+    CheckReport,
+    check,
+    probe_cases,
+    reference_candidate,
+    run_candidate,
+    write_probes,
+)
 from .oracle import expected_outputs
-from .tolerances import ErrorModel, assert_sync_batch_norm_close, compare_outputs, unit_roundoff
+from .tolerances import (
+    ErrorModel,
+    QuantityCheck,
+    assert_output_close,
+    assert_sync_batch_norm_close,
+    compare_outputs,
+    unit_roundoff,
+)
 from .vectors import write_vectors
 
 __all__ = [
+    "Candidate",
     "CheckReport",
     "ErrorModel",
+    "QuantityCheck",
+    "assert_output_close",
     "assert_sync_batch_norm_close",
     "cases",
     "check",
@@ -16,6 +48,7 @@ __all__ = [
     "hard_cases",
     "probe_cases",
     "reference_candidate",
+    "run_candidate",
     "unit_roundoff",
     "write_probes",
     "write_vectors",
