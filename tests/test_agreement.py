@@ -215,10 +215,12 @@ class TestOwnerComputes:
         assert block_width(4, 3, c - 1) is None
         assert block_width(4, 3, 3) is None      # tiny records
         assert block_width(4096, 3, 64) == 1     # fewer channels than ranks: padded blocks
+        assert block_width(2, 3, 10**6) is None  # two ranks: all-gather moves no more
         assert block_width(1, 3, 10**6) is None  # one rank
 
     @pytest.mark.parametrize(("size", "c"), [(2, 4096), (3, 5000), (5, 1003), (8, 4099),
-                                             (4, 65536), (3, 7), (64, 48)])
+                                             (4, 65536), (3, 7), (64, 48),
+                                             (3, 20000), (8, 6007), (160, 300), (300, 200)])
     def test_bitwise_equal_to_the_function_on_the_whole_stack(self, size, c):
         rng = np.random.default_rng(size * c)
         records = np.stack([np.stack([rng.integers(0, 50, c).astype(float),

@@ -18,8 +18,8 @@ layout, and Intel MPI (without ``I_MPI_CBWR``) or hierarchical collectives may
 hand different ranks different last bits. A reference implementation cannot
 rest on that, so floating-point combinations are done in a FIXED ORDER:
 
-* ``combine`` (the functional core's data path): owner-computes for records of
-  64 KiB or more gathered (``_plan``): an ``Ialltoall`` hands owner ``j`` its
+* ``combine`` (the functional core's data path): owner-computes on 3 or more
+  ranks for records of 1 MiB or more gathered (``_plan``): an ``Ialltoall`` hands owner ``j`` its
   block of channels from every rank, owner ``j`` applies the rank-ordered
   per-channel function, an ``Iallgather`` shares the parts. Each rank receives
   about ``(k + k_out) * C`` float64 whatever ``P`` (the all-gather receives

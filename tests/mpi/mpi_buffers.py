@@ -82,7 +82,7 @@ def check_device_combine(v, comm, fake_xp):
     """CUDA-aware ``combine`` hands MPI the device records on both paths (gather, owner)."""
     from refsyncbn.comm._plan import block_width
 
-    for c in (5, 16411):  # all-gather; owner-computes with a padded last block
+    for c in (5, 30011):  # all-gather; owner-computes (3 ranks) with a padded last block
         rng = np.random.default_rng(c + comm.rank)
         record = rng.standard_normal((2, c)) * 10.0 ** (4 * comm.rank)
         want = _ordered_fn(np.stack(comm.mpi_comm.allgather(record)), xp=np)
@@ -202,7 +202,7 @@ def check_fake_cupy(v, comm, want):
             got = MPIComm().allreduce_sum(FakeCupyArray(_buffer(rank)), xp=fxp)
         v.expect(not caught, f"REFSYNCBN_CUDA_AWARE_MPI=0 still warned: {caught}")
         v.expect(got.get().tobytes() == want.tobytes(), "explicitly staged CuPy result")
-        record = np.random.default_rng(rank).standard_normal((2, 16411))
+        record = np.random.default_rng(rank).standard_normal((2, 30011))
         whole = _ordered_fn(np.stack(comm.mpi_comm.allgather(record)), xp=np)
         got = MPIComm().combine(FakeCupyArray(record), _ordered_fn, xp=fxp)
         v.expect(isinstance(got, FakeCupyArray) and got.get().tobytes() == whole.tobytes(),
