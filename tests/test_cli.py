@@ -85,6 +85,12 @@ class TestRunErrors:
         _usage_error(capsys, ["run", str(case_file), str(tmp_path), "--world", world],
                      "argument --world", "expected an int >= 1", repr(world))
 
+    @pytest.mark.parametrize(("option", "value", "low"), [("--seed", "-1", 0), ("--cases", "0", 1),
+                                                          ("--world", "0", 1)])
+    def test_selfcheck_numbers_are_checked_by_name(self, capsys, option, value, low):
+        _usage_error(capsys, ["selfcheck", option, value], f"argument {option}",
+                     f"expected an int >= {low}")
+
     def test_the_wrong_world_size_says_which_to_use(self, capsys, case_file, tmp_path):
         _fails_in_one_line(capsys, ["run", str(case_file), str(tmp_path / "o"), "--world", "3"],
                            1, "splits for 2 ranks", "--world 2")
@@ -176,11 +182,11 @@ class TestHelp:
             cli.main(["--help"])
         out = capsys.readouterr().out
         assert "``" not in out and ":func:" not in out and ":class:" not in out
-        for name in ("run", "selfcheck", "check", "vectors", "bench"):
+        for name in cli._COMMANDS:
             assert name in out
 
     def test_every_command_offers_debug(self, capsys):
-        for name in ("run", "selfcheck", "check", "vectors", "bench"):
+        for name in cli._COMMANDS:
             with pytest.raises(SystemExit):
                 cli.main([name, "--help"])
             assert "--debug" in capsys.readouterr().out, name

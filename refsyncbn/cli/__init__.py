@@ -22,6 +22,7 @@ _COMMANDS = {
     "check": ("refsyncbn.testing.checker", "check another implementation's outputs"),
     "vectors": ("refsyncbn.testing.vectors", "write the golden-vector set"),
     "bench": ("refsyncbn.cli.bench", "time forward/backward against baselines"),
+    "conform": ("refsyncbn.cli.conform", "run a real framework's SyncBatchNorm through the checker"),
 }
 _DESCRIPTION = ("refsyncbn: the reference Synchronized Batch Normalization. Run a command "
                 "with --help for its options; under MPI launch it as "

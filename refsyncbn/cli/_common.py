@@ -6,32 +6,39 @@ import argparse
 import sys
 import time
 
-__all__ = ["Progress", "one_line", "positive_int"]
+__all__ = ["Progress", "int_at_least", "one_line", "positive_int"]
 
 # Errors about the user's input (files, arguments, cases): their message is enough.
 USER_ERRORS = (ValueError, TypeError, OSError)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1.
+def int_at_least(low: int):
+    """argparse type: an int >= ``low``.
 
     Examples
     --------
-    >>> positive_int("4")
+    >>> int_at_least(1)("4")
     4
-    >>> positive_int("0")
+    >>> int_at_least(1)("0")
     Traceback (most recent call last):
     ...
     argparse.ArgumentTypeError: expected an int >= 1, got '0'
     """
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        msg = f"expected an int >= 1, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            msg = f"expected an int >= {low}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 class Progress:
@@ -100,6 +107,8 @@ def one_line(exc: BaseException) -> str:
     --------
     >>> one_line(ValueError("x has shape (2,);\\n expected 2-D"))
     'x has shape (2,); expected 2-D'
+    >>> one_line(FileExistsError(17, "File exists", "out"))
+    'out: File exists'
     >>> one_line(KeyError("y"))
     "KeyError: 'y' (an internal error: please report it; --debug shows the traceback)"
     """
@@ -109,6 +118,8 @@ def one_line(exc: BaseException) -> str:
         causes = [e for e in exc.errors.values() if not isinstance(e, PeerAborted)]
         texts = list(dict.fromkeys(one_line(e) for e in causes or exc.errors.values()))
         return "; ".join(texts)
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
     text = " ".join(str(exc).split())
     if isinstance(exc, USER_ERRORS):
         return text

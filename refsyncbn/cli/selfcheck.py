@@ -29,7 +29,7 @@ from ..conventions import CONVENTIONS
 from ..layouts import DATA_FORMATS, get_layout
 from ..testing.oracle import expected_outputs
 from ..testing.tolerances import ErrorModel, compare_outputs
-from ._common import Progress, positive_int
+from ._common import Progress, int_at_least, positive_int
 
 __all__ = ["MODEL", "add_arguments", "build_cases", "case_error", "main"]
 
@@ -181,7 +181,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cases", type=positive_int, default=98, metavar="N",
                         help="number of random cases (default 98: every (format, "
                              "convention) pair in float64 and in float32)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
+    parser.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
                         help="seed of the random cases (default 0)")
     parser.add_argument("--world", type=positive_int, metavar="W",
                         help="run W ranks as threads of this process instead of under mpiexec")
