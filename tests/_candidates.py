@@ -54,7 +54,7 @@ def _chan(a, b):
 
 def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype=None,
                   merge_dtype=None, summation="pairwise", convention="reference", sync=True,
-                  eps=None, b_error=0.0):
+                  eps=None, planted=None):
     """One SyncBN algorithm of the zoo (tests/test_zoo.py), arithmetic in dtype ``acc``.
 
     ``stats``: this rank's statistics: ``"two_pass"`` (mean, then
@@ -69,9 +69,11 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
     or the ``pmean`` of per-rank ``E[x]`` and ``E[x^2]`` (Flax,
     ``merge="equal"``). ``convention``: "reference"-like (retain, biased) or
     "torch" (update, unbiased with the group count). ``sync=False`` skips
-    every all-reduce; ``eps`` overrides the given eps; ``b_error`` scales the
-    all-reduced ``B = sum dy x_hat`` by ``1 + b_error`` (a planted error).
+    every all-reduce; ``eps`` overrides the given eps; ``planted`` maps
+    ``"A"``, ``"B"`` (the all-reduced ``sum dy``, ``sum dy x_hat``),
+    ``"dweight"`` or ``"dbias"`` to a relative error planted there.
     """
+    planted = {} if planted is None else planted
     acc = np.dtype(acc)
     mdt = acc if merge_dtype is None else np.dtype(merge_dtype)
     sdt = acc if stats_dtype is None else np.dtype(stats_dtype)
@@ -161,15 +163,18 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
         if training:
             tot = np.concatenate([a_loc, b_loc])
             tot = comm.allreduce_sum(tot, xp=np).astype(acc) if sync else tot
-            tot[c:] = tot[c:] * acc.type(1 + b_error)
+            tot[:c] = tot[:c] * acc.type(1 + planted.get("A", 0.0))
+            tot[c:] = tot[c:] * acc.type(1 + planted.get("B", 0.0))
             dx = w * invstd * (dyr - om * tot[:c] - xhat * (om * tot[c:]))
 
         def back(v):
             shape = [s for i, s in enumerate(x.shape) if i != axis] + [c]
             return np.moveaxis(v.reshape(shape), -1, axis).astype(x.dtype)
 
-        return {"y": back(y), "dx": back(dx), "dweight": b_loc.astype(weight.dtype),
-                "dbias": a_loc.astype(weight.dtype), "running_mean": rm.astype(running_mean.dtype),
+        dweight = b_loc * acc.type(1 + planted.get("dweight", 0.0))
+        dbias = a_loc * acc.type(1 + planted.get("dbias", 0.0))
+        return {"y": back(y), "dx": back(dx), "dweight": dweight.astype(weight.dtype),
+                "dbias": dbias.astype(weight.dtype), "running_mean": rm.astype(running_mean.dtype),
                 "running_var": rv.astype(running_var.dtype)}
 
     candidate_eps = eps

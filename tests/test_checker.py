@@ -245,6 +245,32 @@ class TestClassifierThresholds:
         assert traits["weighting"].value == value
 
 
+    @pytest.mark.parametrize(("share", "value"), [(0.03, "unsynchronized"),
+                                                  (0.3, "unrecognized")])
+    def test_unsynchronized(self, share, value):
+        case = probe_cases()["weighting"]
+        x = np.asarray(case.x, np.float64)
+        parts = [x[slice(*case.bounds(r))] for r in range(case.world_size)]
+        gap = abs(x[:, 0].mean() - np.mean([p[:, 0].mean() for p in parts]))
+
+        def local(x):  # each rank normalizes with its own statistics, shifted
+            return np.concatenate([(p - p.mean(0) - share * gap) / np.sqrt(p.var(0) + case.eps)
+                                   for p in parts])
+
+        assert _fingerprint_of("weighting", local)["weighting"].value == value
+
+    @pytest.mark.parametrize(("spread", "value"), [(0.005, "inside_sqrt"),
+                                                   (0.1, "unrecognized")])
+    def test_eps_placement(self, spread, value):
+        case = probe_cases()["eps"]
+        eps = case.eps * (1 + spread * np.arange(3))  # a different eps per channel
+
+        def make_y(x):
+            return (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+
+        assert _fingerprint_of("eps", make_y)["eps_placement"].value == value
+
+
 class TestGlobalBatch:
     def test_reference_on_the_global_batch(self):
         report = check(reference_candidate("keras"), expect="keras", global_batch=True)
