@@ -20,6 +20,8 @@ key                       meaning
 ``convention``            ``reference, torch, paddle, mindspore, keras, flax,
                           chainermn``
 ``training``              optional bool, default true
+``variance``              optional str, ``"stable"`` (default) or ``"naive"``:
+                          :func:`refsyncbn.forward`'s variance algorithm
 ========================  ====================================================
 
 A per-rank result file (``rank{r}.npz``) holds ``y``, ``dx``, ``dweight``,
@@ -36,7 +38,7 @@ import numpy as np
 
 from .comm.groups import group_comm, validate_process_groups
 from .conventions import CONVENTIONS
-from .functional import backward, forward
+from .functional import VARIANCE_ALGORITHMS, backward, forward
 from .layouts import DATA_FORMATS, get_layout
 
 __all__ = ["RESULT_KEYS", "SCHEMA", "Case", "read_case", "read_result", "run_rank", "write_case",
@@ -65,6 +67,7 @@ class Case:
     dy: np.ndarray | None = None
     mask: np.ndarray | None = None
     groups: list[list[int]] | None = field(default=None)
+    variance: str = "stable"
 
     def __post_init__(self):
         _check(self)
@@ -97,7 +100,7 @@ def write_case(path, case: Case) -> None:
               "running_var": case.running_var, "splits": np.asarray(case.splits, np.int64),
               "eps": np.float64(case.eps), "momentum": np.float64(case.momentum),
               "data_format": np.str_(case.data_format), "convention": np.str_(case.convention),
-              "training": np.bool_(case.training)}
+              "training": np.bool_(case.training), "variance": np.str_(case.variance)}
     arrays.update({k: getattr(case, k) for k in _OPTIONAL_ARRAYS if getattr(case, k) is not None})
     if case.groups is not None:
         width = max(len(g) for g in case.groups)
@@ -141,7 +144,7 @@ def read_case(path) -> Case:
     kwargs = {k: data.pop(k) for k in ("x", "running_mean", "running_var", *_OPTIONAL_ARRAYS)
               if k in data}
     scalars = {"eps": float, "momentum": float, "data_format": str, "convention": str,
-               "training": bool}
+               "training": bool, "variance": str}
     kwargs.update({k: conv(data.pop(k)[()]) for k, conv in scalars.items() if k in data})
     splits = data.pop("splits")
     if splits.ndim != 1 or not np.issubdtype(splits.dtype, np.integer):
@@ -179,6 +182,9 @@ def _check(case: Case) -> None:
     if case.convention not in CONVENTIONS:
         msg = f"key 'convention' is {case.convention!r}; expected one of {tuple(CONVENTIONS)}"
         raise ValueError(msg)
+    if case.variance not in VARIANCE_ALGORITHMS:
+        msg = f"key 'variance' is {case.variance!r}; expected one of {VARIANCE_ALGORITHMS}"
+        raise ValueError(msg)
     layout = get_layout(case.data_format)
     if case.x.ndim != layout.ndim:
         msg = (f"key 'x' has shape {case.x.shape}; expected {layout.ndim}-D for data_format "
@@ -215,7 +221,7 @@ def _check(case: Case) -> None:
             raise ValueError(msg)
 
 
-def run_rank(case, comm) -> dict:
+def run_rank(case, comm, *, variance=None) -> dict:
     """Run ``case`` on the calling rank of ``comm``; what ``rank{r}.npz`` holds.
 
     Collective over ``comm``, the WORLD communicator of the case (its size is
@@ -230,6 +236,8 @@ def run_rank(case, comm) -> dict:
         The problem, the same on every rank.
     comm : Communicator
         World communicator (``MPIComm``, a ``SimulatedWorld`` rank, ``LocalComm``).
+    variance : {"stable", "naive"}, optional
+        Overrides ``case.variance``.
 
     Returns
     -------
@@ -268,7 +276,8 @@ def run_rank(case, comm) -> dict:
         res = forward(shard["x"], case.weight, case.bias, running_mean=case.running_mean,
                       running_var=case.running_var, training=case.training, eps=case.eps,
                       momentum=case.momentum, data_format=case.data_format,
-                      convention=case.convention, mask=shard.get("mask"), comm=group, xp=np)
+                      convention=case.convention, mask=shard.get("mask"), comm=group,
+                      variance=case.variance if variance is None else variance, xp=np)
         out = {"y": res.y, "running_mean": res.running_mean, "running_var": res.running_var,
                "dx": None, "dweight": None, "dbias": None}
         if case.dy is not None:

@@ -6,7 +6,7 @@ from refsyncbn import SimulatedWorld, backward, forward
 from refsyncbn.comm import group_comm
 
 
-def run_rank(comm, case, rank, *, variance="sumsq", param_grads=None, convert=None,
+def run_rank(comm, case, rank, *, variance=None, param_grads=None, convert=None,
              **overrides):
     """One world rank's forward (and backward with ``case.dy``) as a dict of outputs.
 
@@ -22,7 +22,8 @@ def run_rank(comm, case, rank, *, variance="sumsq", param_grads=None, convert=No
     kwargs = dict(running_mean=conv(case.running_mean), running_var=conv(case.running_var),
                   training=case.training, eps=case.eps, momentum=case.momentum,
                   data_format=case.data_format, convention=case.convention,
-                  variance=variance, mask=shard.get("mask"), comm=sub)
+                  variance=case.variance if variance is None else variance,
+                  mask=shard.get("mask"), comm=sub)
     kwargs.update(overrides)
     res = forward(shard["x"], conv(case.weight), conv(case.bias), **kwargs)
     out = {"y": res.y, "mean": res.saved.mean, "var": res.saved.var,

@@ -32,12 +32,12 @@ def _check_results(results, world_size):
         assert set(bench.RESULT_KEYS) <= set(r), set(bench.RESULT_KEYS) - set(r)
         assert r["world_size"] == world_size
         c = _channels(case)
-        # one packed data all-reduce per pass: [n, weight, sum(C), sumsq(C)] and
+        # one packed data collective per pass: [n, mean(C), M2(C), e(C)] and
         # [sum dy(C), sum dy*xhat(C)] in float64; one int64 agreement when K > 1
         agree = int(world_size > 1)
         assert r["collectives"] == {"forward": {"data": 1, "agree": agree},
                                     "backward": {"data": 1, "agree": agree}}
-        assert r["bytes_per_pass"]["forward"]["data"] == 4 * c * 8  # [n, weight, sum, sumsq] per channel
+        assert r["bytes_per_pass"]["forward"]["data"] == 4 * c * 8  # [n, mean, M2, e] per channel
         assert r["bytes_per_pass"]["backward"]["data"] == 2 * c * 8
         for key in ("forward_ms", "backward_ms", "step_ms", "copy_ms", "bound_ms"):
             assert r[key] > 0, key

@@ -15,6 +15,7 @@ from ..cases import read_case, run_rank, write_result
 from ..comm import RankError, SimulatedWorld, default_comm, launched_by_mpiexec
 from ..comm.agreement import agree
 from ..comm.simulated import PeerAborted
+from ..functional import VARIANCE_ALGORITHMS
 
 __all__ = ["add_arguments", "main"]
 
@@ -29,6 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("out_dir", type=Path, help="directory for rank{r}.npz")
     parser.add_argument("--world", type=int, metavar="W",
                         help="run W ranks as threads of this process instead of under mpiexec")
+    parser.add_argument("--variance", choices=VARIANCE_ALGORITHMS,
+                        help="variance algorithm, overriding the case file's 'variance' "
+                             "(default there: stable; naive emulates E[x^2] - E[x]^2)")
 
 
 def main(args) -> int:
@@ -38,7 +42,7 @@ def main(args) -> int:
     comm = default_comm()
     try:
         case = _agreed_read(comm, args.case)
-        out = run_rank(case, comm)
+        out = run_rank(case, comm, variance=args.variance)
     except _REJECTED as exc:
         print(f"refsyncbn run: rank {comm.rank} of {comm.size}: error: {exc}", file=sys.stderr)
         return 1
@@ -55,7 +59,8 @@ def _main_simulated(args) -> int:
         return 1
     try:
         case = read_case(args.case)
-        outs = SimulatedWorld(args.world).run(lambda comm: run_rank(case, comm))
+        outs = SimulatedWorld(args.world).run(
+            lambda comm: run_rank(case, comm, variance=args.variance))
     except _REJECTED as exc:
         print(f"refsyncbn run: error: {exc}", file=sys.stderr)
         return 1

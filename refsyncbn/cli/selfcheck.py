@@ -44,7 +44,9 @@ def build_cases(world_size: int, n_cases: int, seed: int) -> list[Case]:
     and float64 for even ``i``, float32 for odd ``i``, so 14 cases cover every
     format and convention in both dtypes, 49 every (format, convention) pair
     and 98 every pair in both dtypes. Every group holds at least two
-    statistic elements.
+    statistic elements. Cases ``i = 4, 5 (mod 6)`` (a float64 and a float32
+    one) have large channel offsets: ``|mean| / std`` from 1e3 to 1e8
+    (float64) or 1e6 (float32), where ``E[x^2] - E[x]^2`` would cancel.
 
     Examples
     --------
@@ -53,10 +55,13 @@ def build_cases(world_size: int, n_cases: int, seed: int) -> list[Case]:
     True
     >>> all(c.world_size == 3 for c in cases)
     True
+    >>> float(abs(cases[4].x).mean() / cases[4].x.std(axis=0).min()) > 1e2   # a large offset
+    True
     """
     names = list(CONVENTIONS)
     return [_random_case(np.random.default_rng([seed, i]), world_size, DATA_FORMATS[i % 7],
-                         names[(i + i // 7) % 7], _DTYPES[i % 2]) for i in range(n_cases)]
+                         names[(i + i // 7) % 7], _DTYPES[i % 2], large_offset=i % 6 >= 4)
+            for i in range(n_cases)]
 
 
 def _random_groups(rng, w):
@@ -68,7 +73,7 @@ def _random_groups(rng, w):
     return [sorted(int(r) for r in part) for part in np.split(rng.permutation(w), cuts)]
 
 
-def _random_case(rng, w, data_format, convention, dtype) -> Case:
+def _random_case(rng, w, data_format, convention, dtype, *, large_offset=False) -> Case:
     """One random case (see :func:`build_cases`)."""
     groups = _random_groups(rng, w)
     splits = [int(s) for s in rng.integers(1, 4, size=w)]
@@ -84,8 +89,11 @@ def _random_case(rng, w, data_format, convention, dtype) -> Case:
     spatial = [int(s) for s in rng.integers(1, 4, size=layout.ndim - 2)]
     shape = [sum(splits), *spatial]
     shape.insert(layout.channel_axis, c)
-    offset = rng.uniform(-3, 3, size=c)
     scale = 10.0 ** rng.uniform(-1, 1, size=c)
+    offset = rng.uniform(-3, 3, size=c)
+    if large_offset:
+        top = 8.0 if dtype == "float64" else 6.0
+        offset = rng.choice([-1.0, 1.0], size=c) * scale * 10.0 ** rng.uniform(3, top, size=c)
     bshape = [1] * layout.ndim
     bshape[layout.channel_axis] = c
     x = (rng.standard_normal(shape) * scale.reshape(bshape) + offset.reshape(bshape))

@@ -37,7 +37,7 @@ class CountingComm:
     ...     counting = CountingComm(comm)
     ...     forward(np.ones((2, 3)), data_format="NC", comm=counting)
     ...     return counting.tally.calls, counting.tally.bytes
-    >>> SimulatedWorld(2).run(step)[0]   # data: rows n, c, sum, sumsq of 3 channels, float64
+    >>> SimulatedWorld(2).run(step)[0]   # data: rows n, mean, M2, e of 3 channels, float64
     ({'agree': 1, 'data': 1}, {'agree': 96, 'data': 96})
     """
 

@@ -400,7 +400,7 @@ def write_probes(directory, expect="reference") -> list[Path]:
     return paths
 
 
-def reference_candidate(convention="reference", *, variance="sumsq"):
+def reference_candidate(convention="reference", *, variance="stable"):
     """The reference (:func:`refsyncbn.forward`/:func:`~refsyncbn.backward`) as a candidate.
 
     Parameters
@@ -408,8 +408,8 @@ def reference_candidate(convention="reference", *, variance="sumsq"):
     convention : Convention or str
         The convention it follows (any :class:`~refsyncbn.Convention`, e.g. a
         deliberately wrong one made with :func:`dataclasses.replace`).
-    variance : {"sumsq", "two_pass"}
-        The reference's variance algorithm.
+    variance : {"stable", "naive"}
+        The reference's variance algorithm (``forward``'s ``variance``).
 
     Examples
     --------
