@@ -89,11 +89,13 @@ LEGIT = {
     "torch_per_rank_stats_count_merge": ({"stats": "two_pass", "merge": "count",
                                           "stats_dtype": "float64", "convention": "torch"},
                                          "torch", STABLE),
-    "welford_equal_merge": ({"stats": "welford", "merge": "equal"}, "flax", STABLE),
-    "two_pass_equal_float64_merge": ({"stats": "two_pass", "merge": "equal",
+    "welford_equal_merge": ({"stats": "welford", "merge": "equal", "empty": "nan"}, "flax",
+                            STABLE),
+    "two_pass_equal_float64_merge": ({"stats": "two_pass", "merge": "equal", "empty": "nan",
                                       "merge_dtype": "float64"}, "flax", STABLE),
     "keras_sums_and_squares": ({"stats": "naive", "merge": "count"}, "keras", NAIVE),
-    "flax_pmean_of_moments": ({"stats": "naive", "merge": "equal"}, "flax", NAIVE),
+    "flax_pmean_of_moments": ({"stats": "naive", "merge": "equal", "empty": "nan"}, "flax",
+                              NAIVE),
 }
 
 
