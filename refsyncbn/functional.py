@@ -13,9 +13,11 @@ element count of the group:
   for count weighting, ``1 / (R n_r)`` for equal weighting over ``R``
   non-empty ranks).
 
-Before the first collective of a call every rank validates its own inputs and
-the group agrees on the outcome with one tiny integer all-reduce, so a bad
-input on one rank raises a clear exception on every rank.
+Every pass (training or eval, forward or backward) starts with the agreement
+(``_signature``, ``comm.agreement``): every rank validates its own inputs and
+the group compares operation, call number, call signature and validation
+outcome with one tiny integer all-reduce, so a bad input or a different call
+on one rank raises a clear exception on every rank.
 """
 
 from __future__ import annotations
@@ -28,18 +30,19 @@ from typing import Any
 import numpy as np
 
 from . import kernels
+from ._signature import FLOAT_NAMES as _FLOAT_NAMES
+from ._signature import agree_backward, agree_forward, reject
+from ._signature import dtype_code as _dtype_code
 from ._xp import namespace
-from .comm.agreement import agree
 from .comm.local import LocalComm
 from .conventions import REFERENCE, Convention, get_convention
-from .layouts import DATA_FORMATS, Layout, get_layout
+from .layouts import Layout, get_layout
 
 __all__ = ["VARIANCE_ALGORITHMS", "ForwardResult", "Grads", "Saved", "backward", "combine_moments",
            "forward", "ordered_sum"]
 
 VARIANCE_ALGORITHMS = ("stable", "naive")
 _PARAM_GRADS = ("local", "sum", "mean")
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,16 +116,17 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     training : bool
         Normalize with batch statistics synchronized over ``comm`` and update
         the running statistics; otherwise normalize with the running statistics
-        and communicate nothing.
+        and move no data (the ranks still agree on the call).
     eps, momentum : float, optional
         Default to the convention's; ``momentum`` in the convention's meaning.
     data_format : str
         One of ``NC, NCL, NLC, NCHW, NHWC, NCDHW, NDHWC``.
     convention : Convention or str
         Weighting, running-variance and momentum rules (see ``conventions``).
-    variance : {"sumsq", "two_pass"}
-        ``sumsq``: one all-reduce of ``[n, c, sum, sumsq]``; ``two_pass``: mean
-        first, then ``sum (x - mean)^2``, two all-reduces.
+    variance : {"stable", "naive"}
+        ``stable`` (default): cancellation-free per-rank ``(n, mean, M2)``
+        records combined exactly in rank order; ``naive``: the emulation of
+        ``E[x^2] - E[x]^2`` some frameworks compute. One data collective either way.
     mask : bool array, optional
         Valid positions (shape of ``x`` without the channel axis): statistics
         use valid positions only; every position is normalized.
@@ -168,12 +172,14 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     >>> res.running_mean
     array([0.2, 2. ])
     """
-    xp = xp or namespace(x, weight, bias, running_mean, running_var, mask)
     comm = LocalComm() if comm is None else comm
-    conv = get_convention(convention)
+    try:
+        xp = xp or namespace(x, weight, bias, running_mean, running_var, mask)
+        conv, layout = get_convention(convention), get_layout(data_format)
+    except (TypeError, ValueError) as exc:
+        reject(comm, exc, "forward(training=True)" if training else "forward(training=False)")
     eps = conv.eps if eps is None else eps
     momentum = conv.momentum if momentum is None else momentum
-    layout = get_layout(data_format)
 
     error = _validate_forward(x, weight, bias, running_mean, running_var, mask, layout,
                               eps, momentum, training, variance, xp=xp)
@@ -183,15 +189,8 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
             kern = kernels.select(x, backend)
         except (ValueError, TypeError) as err:
             error = err
-    if training and comm.size > 1:
-        signature = {"channels": 0, "dtype": -1, "data_format": layout.code,
-                     "variance": _index(VARIANCE_ALGORITHMS, variance),
-                     "weighting": _index(("count", "equal"), conv.weighting)}
-        if error is None:
-            signature.update(channels=layout.channels(x.shape), dtype=_dtype_code(x.dtype, xp))
-        agree(comm, "forward", error, signature, _describe)
-    elif error is not None:
-        raise error
+    agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv, eps, momentum,
+                  variance, training, xp=xp)
 
     x3 = layout.view(x, xp=xp)
     mask3 = None if mask is None else layout.view_mask(mask, x.shape, xp=xp)
@@ -266,14 +265,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
     affine = s.weight is not None
     error = _validate_backward(dy, s, pg, xp=xp)
     reduce_params = affine and pg != "local"
-    # Agree whenever SOME rank may communicate: the condition must not depend on
-    # affine, which could differ between ranks (one waiting forever otherwise).
-    if (s.training or pg != "local") and s.comm.size > 1:
-        signature = {"channels": s.layout.channels(s.shape), "training": int(s.training),
-                     "param_grads": _index(_PARAM_GRADS, pg), "affine": int(affine)}
-        agree(s.comm, "backward", error, signature, _describe)
-    elif error is not None:
-        raise error
+    agree_backward(s.comm, error, dy, s, pg, xp=xp)
 
     dy3 = s.layout.view(dy, xp=xp)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf statistics propagate
@@ -569,25 +561,3 @@ def momentum_error(momentum):
     if _is_real(momentum) and 0 <= momentum <= 1:
         return None
     return ValueError(f"momentum is {momentum!r}; expected a float in [0, 1]")
-
-
-def _dtype_code(dtype, xp) -> int:
-    """Index of ``dtype`` in ``_FLOAT_NAMES`` (-1 if not a supported float)."""
-    for i, name in enumerate(_FLOAT_NAMES):
-        if hasattr(xp, name) and dtype == getattr(xp, name):
-            return i
-    return -1
-
-
-def _index(options, value) -> int:
-    return options.index(value) if value in options else -1
-
-
-def _describe(field, code) -> str:
-    """How a rank's signature entry reads in an error message."""
-    if field == "channels":
-        return f"{code} channels"
-    names = {"dtype": _FLOAT_NAMES, "data_format": DATA_FORMATS, "variance": VARIANCE_ALGORITHMS,
-             "weighting": ("count", "equal"), "param_grads": _PARAM_GRADS,
-             "training": ("False", "True"), "affine": ("False", "True")}[field]
-    return f"{field} {names[code] if 0 <= code < len(names) else 'unsupported'}"

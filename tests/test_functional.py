@@ -219,11 +219,17 @@ class TestParamGrads:
 
 
 class _NoCollectives:
-    """A two-rank communicator whose collectives fail: proves a path communicates nothing."""
+    """A two-rank communicator whose data collectives fail: proves a path moves no data."""
 
     rank, size = 0, 2
 
+    def allreduce_min(self, buf, /, *, what):
+        return buf  # the agreement of a one-rank-like world: every rank made this call
+
     def allreduce_sum(self, buf, /, *, xp):
+        raise AssertionError("this path must not communicate")
+
+    def combine(self, record, fn, /, *, xp):
         raise AssertionError("this path must not communicate")
 
     def split(self, color, key):

@@ -854,6 +854,10 @@ def main(args) -> int:
         return 0
     if args.cases_dir is None:
         return _error("give CANDIDATE_DIR and CASES_DIR, or --write-probes DIR")
+    for label, path, holds in (("CANDIDATE_DIR", args.candidate_dir, "<case>/rank{r}.npz"),
+                               ("CASES_DIR", args.cases_dir, "<case>.npz case files")):
+        if not path.is_dir():
+            return _error(f"{label} {path} is not a directory; expected a directory of {holds}")
     model = ErrorModel(args.accumulation, args.variance, args.summation)
     try:
         report = check(args.candidate_dir, args.cases_dir, model=model)

@@ -1,0 +1,191 @@
+"""Real-framework adapters (refsyncbn.adapters) and ``python -m refsyncbn conform``.
+
+The torch tests run wherever torch is installed (CI installs the CPU wheel):
+the CPU stand-ins for SyncBatchNorm's CUDA-only ops against torch's own CPU
+``F.batch_norm`` on the whole batch, and two short gloo runs (2 ranks) fed to
+the checker. Flax and Keras need their own environment (jax, tensorflow) and
+skip here when absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refsyncbn import adapters
+from refsyncbn.adapters import torch as torch_adapter
+from refsyncbn.cases import Case
+from refsyncbn.cli import main as cli_main
+from refsyncbn.testing.checker import probe_cases
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+needs_flax = pytest.mark.skipif(adapters.missing("flax") is not None, reason="needs jax and flax")
+needs_keras = pytest.mark.skipif(adapters.missing("keras") is not None,
+                                 reason="needs tensorflow and keras")
+
+
+class TestRegistry:
+    def test_unknown_framework_is_named(self):
+        with pytest.raises(ValueError, match="framework is 'jax'; expected one of"):
+            adapters.get_adapter("jax")
+
+    def test_missing_framework_says_what_to_install(self, monkeypatch):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+        assert adapters.missing("flax") == "needs jax and flax (pip install 'refsyncbn[flax]')"
+        with pytest.raises(RuntimeError, match=r"keras adapter: needs tensorflow and keras"):
+            adapters.run("keras", {})
+
+    def test_conform_without_the_framework_is_one_line_and_exit_2(self, monkeypatch, capsys):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+        assert cli_main(["conform", "torch"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["refsyncbn conform torch: needs torch (pip install 'refsyncbn[torch]')"]
+
+    def test_a_masked_case_is_not_expressible_in_torch(self):
+        x = np.arange(8.0).reshape(4, 2)
+        case = Case(x=x, running_mean=np.zeros(2), running_var=np.ones(2), splits=(2, 2),
+                    data_format="NC", mask=np.ones(4, bool))
+        assert torch_adapter.unsupported(case) == "nn.SyncBatchNorm takes no mask"
+        assert torch_adapter.unsupported(dataclasses.replace(case, mask=None)) == ""
+
+    def test_workers_past_the_timeout_are_killed(self):
+        sleeper = (["timeit", "-n", "1", "-r", "1", "import time; time.sleep(60)"], {})
+        failure = adapters._launch([sleeper, sleeper], timeout=1.0)
+        assert failure.startswith("workers killed after the 1 s timeout")
+
+
+def _stand_in_sync_bn(x, splits, weight, bias, rm, rv, momentum, eps, dy):
+    """SyncBatchNorm's algorithm over ``splits`` with the CPU stand-ins, in one process."""
+    import torch
+
+    ops = torch_adapter.cpu_sync_ops()
+    parts, dys = torch.split(x, splits), torch.split(dy, splits)
+    stats = [ops["batch_norm_stats"](p, eps) for p in parts if p.numel()]
+    counts = torch.tensor([float(p.numel() // p.shape[1]) for p in parts if p.numel()],
+                          dtype=rm.dtype)
+    mean, invstd = ops["batch_norm_gather_stats_with_counts"](
+        x, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]), rm, rv,
+        momentum, eps, counts)
+    # like nn.SyncBatchNorm, an empty rank calls no op: empty outputs, zero sums
+    y = torch.cat([ops["batch_norm_elemt"](p, weight, bias, mean, invstd, eps) if p.numel()
+                   else p for p in parts])
+    red = [ops["batch_norm_backward_reduce"](g, p, mean, invstd, weight, True, True, True)
+           for g, p in zip(dys, parts, strict=True) if p.numel()]
+    sum_dy, sum_dy_xmu = sum(r[0] for r in red), sum(r[1] for r in red)
+    dx = torch.cat([ops["batch_norm_backward_elemt"](g, p, mean, invstd, weight, sum_dy,
+                                                     sum_dy_xmu, counts.to(torch.int32))
+                    if p.numel() else g for g, p in zip(dys, parts, strict=True)])
+    return y, dx, sum(r[2] for r in red), sum(r[3] for r in red), rm, rv
+
+
+def _torch_batch_norm(x, weight, bias, rm, rv, momentum, eps, dy):
+    """torch's own CPU batch norm on the whole batch, with autograd."""
+    import torch.nn.functional as F
+
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, weight, bias))
+    y = F.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, b.grad, rm, rv
+
+
+@needs_torch
+class TestTorchStandIns:
+    @pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 2e-5)])
+    @pytest.mark.parametrize("shape, splits", [((7, 3, 5), (2, 0, 4, 1)), ((6, 2), (1, 5))])
+    def test_match_torch_cpu_batch_norm_on_the_whole_batch(self, dtype, rtol, shape, splits):
+        import torch
+
+        g = torch.Generator().manual_seed(7)
+        dt = getattr(torch, dtype)
+        c = shape[1]
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 50).to(dt)
+        dy = torch.randn(shape, generator=g, dtype=dt)
+        w, b = torch.rand(c, dtype=dt) + 0.5, torch.randn(c, dtype=dt)
+        args = (w, b, torch.randn(c, dtype=dt), torch.rand(c, dtype=dt) + 0.5, 0.1, 1e-5, dy)
+        ours = _stand_in_sync_bn(x, list(splits), *(a.clone() if torch.is_tensor(a) else a
+                                                    for a in args[:4]), *args[4:])
+        theirs = _torch_batch_norm(x, *(a.clone() if torch.is_tensor(a) else a
+                                        for a in args[:4]), *args[4:])
+        for name, a, t in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"),
+                              ours, theirs, strict=True):
+            a, t = a.double().numpy(), t.double().numpy()
+            scale = np.abs(t).max()
+            np.testing.assert_allclose(a, t, rtol=0, atol=rtol * scale, err_msg=name)
+
+    def test_negative_control_unsynchronized_ranks_differ(self):
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.tensor([[0.0], [1.0], [10.0], [12.0]], dtype=torch.float64)
+        w, b, dy = torch.ones(1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype), torch.ones_like(x)
+        synced = _stand_in_sync_bn(x, [2, 2], w, b, torch.zeros(1, dtype=x.dtype),
+                                   torch.ones(1, dtype=x.dtype), 0.1, 1e-5, dy)[0]
+        local = torch.cat([F.batch_norm(p, None, None, w, b, training=True, eps=1e-5)
+                           for p in torch.split(x, 2)])
+        assert (synced - local).abs().max() > 0.5
+
+
+@needs_torch
+class TestTorchAdapter:
+    def test_conform_torch_passes_and_fingerprints_the_torch_preset(self, tmp_path, capsys):
+        out = tmp_path / "torch.md"
+        assert cli_main(["conform", "torch", "--cases", "3", "--out", str(out)]) == 0
+        assert "12 pass, 0 fail, 0 error, 0 not expressible of 12 cases" in capsys.readouterr().out
+        report = json.loads(out.with_suffix(".json").read_text())
+        assert report["consistent_presets"] == ["torch"]
+        fp = {k: t["value"] for k, t in report["fingerprint"].items()}
+        assert fp["running_var"] == "unbiased_global" and fp["weighting"] == "count"
+        assert fp["momentum_meaning"] == "update" and fp["param_grads"] == "local"
+        assert {r["verdict"] for r in report["cases"]} == {"pass"}
+        assert "CPU stand-ins for torch's CUDA sync ops" in out.read_text()
+
+    def test_checker_rejects_torch_where_another_convention_is_expected(self):
+        probe = probe_cases("torch")["running_stats"]
+        cases = {"torch_rules": probe,
+                 # the same step expected under the reference rules (biased running variance);
+                 # momentum 0.75 "retain" is the batch weight 0.25 torch is given
+                 "reference_rules": dataclasses.replace(probe, convention="reference",
+                                                        momentum=0.75)}
+        outcomes = adapters.run("torch", cases, timeout=120)
+        report = adapters.check_outcomes(cases, outcomes)
+        failed = {(n, q.quantity) for n, qs in report.checks.items() for q in qs if not q.passed}
+        assert failed == {("reference_rules", "running_var")}
+        # the running means agree: the momentum was handed over in torch's meaning
+        np.testing.assert_array_equal(outcomes["torch_rules"].outputs[0]["running_mean"],
+                                      outcomes["reference_rules"].outputs[0]["running_mean"])
+
+
+@needs_flax
+def test_conform_flax_fingerprints_equal_weighting(tmp_path):
+    out = tmp_path / "flax.md"
+    cli_main(["conform", "flax", "--cases", "2", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["fingerprint"]["weighting"]["value"] == "equal"
+    assert not report["unexplained_failures"]
+
+
+@needs_keras
+def test_conform_keras_fingerprints_count_weighting(tmp_path):
+    out = tmp_path / "keras.md"
+    cli_main(["conform", "keras", "--cases", "2", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["fingerprint"]["weighting"]["value"] == "count"
+    assert not report["unexplained_failures"]
+
+
+def test_adapters_and_conform_import_no_framework():
+    code = ("import sys, refsyncbn.adapters.torch, refsyncbn.adapters.flax, "
+            "refsyncbn.adapters.keras, refsyncbn.cli.conform\n"
+            "print([m for m in ('torch', 'jax', 'flax', 'tensorflow', 'keras') "
+            "if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
