@@ -25,6 +25,7 @@ contract and the math: ``docs/numerics.md``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -277,6 +278,8 @@ def backward(dy, saved: Saved, *, param_grads=None):
     dy3 = s.layout.view(dy, xp=xp)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf statistics propagate
         a, b = s.kernels.grad_sums(dy3, s.x3, s.kmean, s.kinvstd, xp=xp)  # sum dy, sum dy x_hat
+        if math.prod(s.shape) == 0:  # empty sums are 0, even with NaN statistics (Flax)
+            b = xp.zeros_like(a)
         if s.training or reduce_params:
             total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
             a_sum, b_sum = total[0, :], total[1, :]
@@ -465,11 +468,15 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
         msg = ("forward: every rank of the group passed an empty batch; batch statistics "
                "of zero elements are undefined")
         raise ValueError(msg)
-    if m == 1 and conv.single_value == "raise":
+    if m == 1 and (conv.single_value == "raise"
+                   or (conv.single_value == "raise_alone" and comm.size < 2)):
         msg = (f"Expected more than 1 value per channel when training, got a global count "
                f"of 1 per channel (convention {conv.name!r})")
         raise ValueError(msg)
     omega = 1.0 / m if conv.weighting == "count" else 1.0 / (n * big_w) if n else 0.0
+    if conv.weighting == "equal" and conv.empty_rank == "nan" and big_w < comm.size:
+        nan = xp.full_like(total[2, :], math.nan)  # Flax: an empty device's mean is NaN
+        return nan, nan, None, m, omega, n
     if variance == "naive":
         mean = total[2, :] / big_w
         var = total[3, :] / big_w - mean * mean
@@ -493,6 +500,8 @@ def _update_running(running_mean, running_var, mean, var, m, n, conv, momentum, 
     else:
         k = m if conv.running_var == "unbiased_global" else n
     correction = k / max(k - 1, 1) if k else 1.0
+    if k == 1 and conv.running_var != "biased" and conv.single_value == "raise_alone":
+        correction = math.nan  # PyTorch: M2 / (count - 1) = 0 / 0
     w = conv.batch_weight(momentum)
     rm = xp.astype(running_mean, xp.float64) * (1.0 - w) + mean * w
     rv = xp.astype(running_var, xp.float64) * (1.0 - w) + var * (correction * w)

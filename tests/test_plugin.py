@@ -31,7 +31,7 @@ def _pytest(tmp_path, *args):
 def test_a_conforming_candidate_passes_the_suite(tmp_path):
     proc = _pytest(tmp_path, "--refsyncbn-candidate=cands:good", "--refsyncbn-expect=torch")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "16 passed" in proc.stdout  # 9 probes, 6 convention traits, the variance
+    assert "17 passed" in proc.stdout  # 9 probes, 7 convention traits, the variance
 
 
 def test_a_planted_bug_fails_the_tests_that_name_it(tmp_path):
