@@ -29,8 +29,8 @@ import numpy as np
 from ..layouts import get_layout
 from ._worker import momentum_for, run_all
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "main",
-           "unsupported"]
+__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "label",
+           "main", "unsupported"]
 
 PRESET = "flax"
 #: Flax's default ``use_fast_variance=True``: ``E[x^2] - E[x]^2`` (for the error model).
@@ -57,6 +57,11 @@ DEVIATIONS = (
     _RAGGED,
     _SUMMED,
 )
+
+
+def label() -> str:
+    """What runs: :data:`LABEL`."""
+    return LABEL
 
 
 def unsupported(case) -> str:

@@ -25,8 +25,8 @@ import numpy as np
 from ..layouts import get_layout
 from ._worker import momentum_for, run_all
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "main",
-           "unsupported"]
+__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "label",
+           "main", "unsupported"]
 
 PRESET = "keras"
 #: ``ops.moments(..., synchronized=True)`` computes ``E[x^2] - E[x]^2`` (for the error model).
@@ -45,6 +45,11 @@ DEVIATIONS = (
     _MASK,
     _MASK_ONE_CHANNEL,
 )
+
+
+def label() -> str:
+    """What runs: :data:`LABEL`."""
+    return LABEL
 
 
 def unsupported(case) -> str:

@@ -157,7 +157,7 @@ def conform(framework: str, *, n_cases: int = 12, seed: int = 0, timeout: float 
                f"{len(failed) - len(unexplained)} failure(s) explained by known deviations, "
                f"{len(unexplained)} unexplained")
     return {
-        "framework": framework, "label": adapter.LABEL, "preset": adapter.PRESET,
+        "framework": framework, "label": adapter.label(), "preset": adapter.PRESET,
         "versions": {p: _version(p) for p in ("numpy", *FRAMEWORKS[framework][1])},
         "command": f"python -m refsyncbn conform {framework} --cases {n_cases} --seed {seed}",
         "error_model": repr(model), "wall_s": round(wall, 1), "cases": rows,
