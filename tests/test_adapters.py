@@ -114,6 +114,10 @@ class TestConform:
                             lambda case, variant="": "biased on purpose")
         assert cli_main(["conform", "torch", "--cases", "0", "--out", str(out)]) == 0
         assert "known deviation: biased on purpose" in out.read_text()
+        # a deviation that explains other outputs only does not excuse the running variance
+        monkeypatch.setattr(torch_adapter, "DEVIATIONS", {"biased on purpose": ("dbias",)})
+        assert cli_main(["conform", "torch", "--cases", "0", "--out", str(out)]) == 1
+        assert "beyond what the known deviation explains (dbias only)" in out.read_text()
 
     def test_cases_cover_the_hard_regimes(self):
         cases = conform.conform_cases("flax", 24, seed=0).values()
