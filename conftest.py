@@ -1,5 +1,6 @@
 """Project-wide pytest configuration: hypothesis profiles and the report header."""
 
+import importlib.util
 import os
 
 from hypothesis import HealthCheck, settings
@@ -16,3 +17,7 @@ def pytest_report_header(config):
     import numpy
 
     return [f"refsyncbn: numpy {numpy.__version__}, hypothesis profile {PROFILE!r}"]
+
+# The CuPy backend imports cupy at module level (it is only imported once CuPy
+# arrays arrive); without CuPy its doctests cannot even be collected.
+collect_ignore = [] if importlib.util.find_spec("cupy") else ["refsyncbn/kernels/_cupy.py"]

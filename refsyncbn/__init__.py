@@ -20,8 +20,19 @@ __all__ = [
     "SimulatedWorld",
     "SparseCooTensor",
     "SyncBatchNorm",
+    "__version__",
     "backward",
     "convert_sync_batchnorm",
     "forward",
     "get_convention",
 ]
+
+
+def __getattr__(name):
+    """``__version__``, looked up on first use (package metadata costs ~50 ms to import)."""
+    if name == "__version__":
+        from ._version import __version__
+
+        return __version__
+    msg = f"module 'refsyncbn' has no attribute {name!r}"
+    raise AttributeError(msg)

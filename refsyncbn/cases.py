@@ -20,6 +20,8 @@ key                       meaning
 ``convention``            ``reference, torch, paddle, mindspore, keras, flax,
                           chainermn``
 ``training``              optional bool, default true
+``variance``              optional str, ``"stable"`` (default) or ``"naive"``:
+                          :func:`refsyncbn.forward`'s variance algorithm
 ========================  ====================================================
 
 A per-rank result file (``rank{r}.npz``) holds ``y``, ``dx``, ``dweight``,
@@ -29,6 +31,8 @@ was given; parameter gradients only with affine).
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +40,7 @@ import numpy as np
 
 from .comm.groups import group_comm, validate_process_groups
 from .conventions import CONVENTIONS
-from .functional import backward, forward
+from .functional import VARIANCE_ALGORITHMS, backward, forward
 from .layouts import DATA_FORMATS, get_layout
 
 __all__ = ["RESULT_KEYS", "SCHEMA", "Case", "read_case", "read_result", "run_rank", "write_case",
@@ -65,6 +69,7 @@ class Case:
     dy: np.ndarray | None = None
     mask: np.ndarray | None = None
     groups: list[list[int]] | None = field(default=None)
+    variance: str = "stable"
 
     def __post_init__(self):
         _check(self)
@@ -97,7 +102,7 @@ def write_case(path, case: Case) -> None:
               "running_var": case.running_var, "splits": np.asarray(case.splits, np.int64),
               "eps": np.float64(case.eps), "momentum": np.float64(case.momentum),
               "data_format": np.str_(case.data_format), "convention": np.str_(case.convention),
-              "training": np.bool_(case.training)}
+              "training": np.bool_(case.training), "variance": np.str_(case.variance)}
     arrays.update({k: getattr(case, k) for k in _OPTIONAL_ARRAYS if getattr(case, k) is not None})
     if case.groups is not None:
         width = max(len(g) for g in case.groups)
@@ -114,16 +119,7 @@ def read_case(path) -> Case:
         Naming the key that is missing or wrong.
     """
     path = Path(path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        msg = f"{path}: not a readable .npz case file ({exc})"
-        raise ValueError(msg) from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        msg = f"{path}: holds a single array; expected an .npz archive with key 'schema'"
-        raise ValueError(msg)
-    with loaded:
-        data = {k: loaded[k] for k in loaded.files}
+    data = _load_npz(path, "case file")
     schema = str(data.pop("schema", ""))
     if schema != SCHEMA:
         msg = f"{path}: key 'schema' is {schema!r}; expected {SCHEMA!r}"
@@ -141,7 +137,7 @@ def read_case(path) -> Case:
     kwargs = {k: data.pop(k) for k in ("x", "running_mean", "running_var", *_OPTIONAL_ARRAYS)
               if k in data}
     scalars = {"eps": float, "momentum": float, "data_format": str, "convention": str,
-               "training": bool}
+               "training": bool, "variance": str}
     kwargs.update({k: conv(data.pop(k)[()]) for k, conv in scalars.items() if k in data})
     splits = data.pop("splits")
     if splits.ndim != 1 or not np.issubdtype(splits.dtype, np.integer):
@@ -166,9 +162,35 @@ def write_result(path, **arrays) -> None:
 
 
 def read_result(path) -> dict:
-    """One rank's outputs as a dict of arrays."""
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    """One rank's outputs as a dict of arrays.
+
+    Raises
+    ------
+    ValueError
+        Naming the file when it is not a readable ``.npz`` archive.
+    """
+    return _load_npz(Path(path), "result file")
+
+
+def _load_npz(path: Path, what: str) -> dict:
+    """Every array of the ``.npz`` archive at ``path``; ValueError naming it if unreadable."""
+    try:
+        # Our own handle: np.load leaks the one it opens when the archive is corrupt.
+        with open(path, "rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                loaded = None
+            else:
+                # A truncated or corrupt archive fails here or at np.load.
+                with loaded:
+                    data = {k: loaded[k] for k in loaded.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        msg = f"{path}: not a readable .npz {what} ({type(exc).__name__}: {exc})"
+        raise ValueError(msg) from None
+    if loaded is None:
+        msg = f"{path}: holds a single array; expected an .npz archive ({what})"
+        raise ValueError(msg)
+    return data
 
 
 def _check(case: Case) -> None:
@@ -178,6 +200,9 @@ def _check(case: Case) -> None:
         raise ValueError(msg)
     if case.convention not in CONVENTIONS:
         msg = f"key 'convention' is {case.convention!r}; expected one of {tuple(CONVENTIONS)}"
+        raise ValueError(msg)
+    if case.variance not in VARIANCE_ALGORITHMS:
+        msg = f"key 'variance' is {case.variance!r}; expected one of {VARIANCE_ALGORITHMS}"
         raise ValueError(msg)
     layout = get_layout(case.data_format)
     if case.x.ndim != layout.ndim:
@@ -215,14 +240,16 @@ def _check(case: Case) -> None:
             raise ValueError(msg)
 
 
-def run_rank(case, comm) -> dict:
+def run_rank(case, comm, *, param_grads="local", variance=None, convert=None,
+             statistics=False) -> dict:
     """Run ``case`` on the calling rank of ``comm``; what ``rank{r}.npz`` holds.
 
     Collective over ``comm``, the WORLD communicator of the case (its size is
     ``case.world_size``, its rank the world rank): every rank must call it.
     The rank takes its slice ``case.shard(comm.rank)``, joins its group
     (``case.groups``), runs one forward pass and, when ``case.dy`` is given,
-    one backward pass with ``param_grads="local"``.
+    one backward pass. The command line and the test suite both run cases
+    through this function.
 
     Parameters
     ----------
@@ -230,14 +257,25 @@ def run_rank(case, comm) -> dict:
         The problem, the same on every rank.
     comm : Communicator
         World communicator (``MPIComm``, a ``SimulatedWorld`` rank, ``LocalComm``).
+    param_grads : {"local", "sum", "mean"} or None
+        Reduction of the parameter gradients (:func:`refsyncbn.backward`;
+        ``None``: the convention's). Default ``"local"``, as in result files.
+    variance : {"stable", "naive"}, optional
+        Overrides ``case.variance``.
+    convert : callable, optional
+        Maps each NumPy input array to the array type under test (e.g. an
+        array-API namespace on a device); default: NumPy inputs.
+    statistics : bool
+        Also return ``mean`` and ``var``: the float64 per-channel statistics
+        the forward pass normalized with.
 
     Returns
     -------
     dict
         ``y``, ``dx``, ``dweight``, ``dbias``, ``running_mean``,
         ``running_var`` (``None`` where absent): ``y``/``dx`` in the dtype of
-        ``x``, parameter gradients in the dtype of ``weight`` (this rank's
-        local contribution), running statistics in their own dtype.
+        ``x``, parameter gradients in the dtype of ``weight``, running
+        statistics in their own dtype; with ``statistics``, ``mean`` and ``var``.
 
     Raises
     ------
@@ -262,17 +300,25 @@ def run_rank(case, comm) -> dict:
                f"{comm.size}; run it on {case.world_size} ranks (mpiexec -n {case.world_size}, "
                f"or --world {case.world_size})")
         raise ValueError(msg)
-    shard = case.shard(comm.rank)
+
+    def conv(a):
+        return a if a is None or convert is None else convert(a)
+
+    shard = {k: conv(v) for k, v in case.shard(comm.rank).items()}
     group = group_comm(comm, case.groups)
     try:
-        res = forward(shard["x"], case.weight, case.bias, running_mean=case.running_mean,
-                      running_var=case.running_var, training=case.training, eps=case.eps,
-                      momentum=case.momentum, data_format=case.data_format,
-                      convention=case.convention, mask=shard.get("mask"), comm=group, xp=np)
+        res = forward(shard["x"], conv(case.weight), conv(case.bias),
+                      running_mean=conv(case.running_mean), running_var=conv(case.running_var),
+                      training=case.training, eps=case.eps, momentum=case.momentum,
+                      data_format=case.data_format, convention=case.convention,
+                      variance=case.variance if variance is None else variance,
+                      mask=shard.get("mask"), comm=group, xp=np if convert is None else None)
         out = {"y": res.y, "running_mean": res.running_mean, "running_var": res.running_var,
                "dx": None, "dweight": None, "dbias": None}
+        if statistics:
+            out.update(mean=res.saved.mean, var=res.saved.var)
         if case.dy is not None:
-            grads = backward(shard["dy"], res.saved, param_grads="local")
+            grads = backward(shard["dy"], res.saved, param_grads=param_grads)
             out.update(dx=grads.dx, dweight=grads.dweight, dbias=grads.dbias)
     finally:
         if group is not comm and hasattr(group, "free"):

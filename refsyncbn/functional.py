@@ -13,9 +13,11 @@ element count of the group:
   for count weighting, ``1 / (R n_r)`` for equal weighting over ``R``
   non-empty ranks).
 
-Before the first collective of a call every rank validates its own inputs and
-the group agrees on the outcome with one tiny integer all-reduce, so a bad
-input on one rank raises a clear exception on every rank.
+Every pass (training or eval, forward or backward) starts with the agreement
+(``_signature``, ``comm.agreement``): every rank validates its own inputs and
+the group compares operation, call number, call signature and validation
+outcome with one tiny integer all-reduce, so a bad input or a different call
+on one rank raises a clear exception on every rank.
 """
 
 from __future__ import annotations
@@ -26,18 +28,20 @@ from typing import Any
 
 import numpy as np
 
-from . import _moments
+from . import kernels
+from ._signature import FLOAT_NAMES as _FLOAT_NAMES
+from ._signature import agree_backward, agree_forward, reject
+from ._signature import dtype_code as _dtype_code
 from ._xp import namespace
-from .comm.agreement import agree
 from .comm.local import LocalComm
 from .conventions import REFERENCE, Convention, get_convention
-from .layouts import DATA_FORMATS, Layout, get_layout
+from .layouts import Layout, get_layout
 
-__all__ = ["VARIANCE_ALGORITHMS", "ForwardResult", "Grads", "Saved", "backward", "forward"]
+__all__ = ["VARIANCE_ALGORITHMS", "ForwardResult", "Grads", "Saved", "backward", "combine_moments",
+           "forward", "ordered_sum"]
 
-VARIANCE_ALGORITHMS = ("sumsq", "two_pass")
+VARIANCE_ALGORITHMS = ("stable", "naive")
 _PARAM_GRADS = ("local", "sum", "mean")
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +50,11 @@ class Saved:
 
     ``mean``, ``var`` and ``invstd`` are the float64 per-channel statistics
     used to normalize (batch statistics in training, running ones in eval);
+    ``kernels`` is the kernel backend module (its name: ``kernels.NAME``).
+    The kernels see ``x3``, ``kmean`` and ``kinvstd``: ``x``, ``mean`` and
+    ``invstd`` themselves, or, where squares of ``x`` would overflow, ``x`` and
+    ``mean`` divided and ``invstd`` multiplied by an exact power of two per
+    channel (see ``docs/numerics.md``);
     ``count`` is the group's element count per channel (this rank's in eval);
     ``omega`` the weight of one of this rank's elements in the statistics.
     """
@@ -59,11 +68,14 @@ class Saved:
     mean: Any
     var: Any
     invstd: Any
+    kmean: Any
+    kinvstd: Any
     count: int
     omega: float
     training: bool
     convention: Convention
     comm: Any
+    kernels: Any
     xp: Any
 
 
@@ -88,7 +100,7 @@ class Grads:
 
 def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
             training=True, eps=None, momentum=None, data_format="NCHW",
-            convention=REFERENCE, variance="sumsq", mask=None, comm=None, xp=None):
+            convention=REFERENCE, variance="stable", mask=None, comm=None, backend=None, xp=None):
     """Synchronized batch-norm forward pass over the ranks of ``comm``.
 
     Parameters
@@ -103,21 +115,26 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     training : bool
         Normalize with batch statistics synchronized over ``comm`` and update
         the running statistics; otherwise normalize with the running statistics
-        and communicate nothing.
+        and move no data (the ranks still agree on the call).
     eps, momentum : float, optional
         Default to the convention's; ``momentum`` in the convention's meaning.
     data_format : str
         One of ``NC, NCL, NLC, NCHW, NHWC, NCDHW, NDHWC``.
     convention : Convention or str
         Weighting, running-variance and momentum rules (see ``conventions``).
-    variance : {"sumsq", "two_pass"}
-        ``sumsq``: one all-reduce of ``[n, c, sum, sumsq]``; ``two_pass``: mean
-        first, then ``sum (x - mean)^2``, two all-reduces.
+    variance : {"stable", "naive"}
+        ``stable`` (default): cancellation-free per-rank ``(n, mean, M2)``
+        records combined exactly in rank order; ``naive``: the emulation of
+        ``E[x^2] - E[x]^2`` some frameworks compute. One data collective either way.
     mask : bool array, optional
         Valid positions (shape of ``x`` without the channel axis): statistics
         use valid positions only; every position is normalized.
     comm : Communicator, optional
         Ranks to synchronize over; default a one-rank :class:`LocalComm`.
+    backend : {"numpy", "numba", "cupy"}, optional
+        Kernel backend (also used by :func:`backward`); default the
+        ``REFSYNCBN_BACKEND`` environment variable, else chosen from ``x``
+        (see :mod:`refsyncbn.kernels`).
     xp : namespace, optional
         Array namespace; resolved from the arrays when omitted.
 
@@ -154,42 +171,53 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     >>> res.running_mean
     array([0.2, 2. ])
     """
-    xp = xp or namespace(x, weight, bias, running_mean, running_var, mask)
     comm = LocalComm() if comm is None else comm
-    conv = get_convention(convention)
+    try:
+        xp = xp or namespace(x, weight, bias, running_mean, running_var, mask)
+        conv, layout = get_convention(convention), get_layout(data_format)
+    except (TypeError, ValueError) as exc:
+        reject(comm, exc, "forward(training=True)" if training else "forward(training=False)")
     eps = conv.eps if eps is None else eps
     momentum = conv.momentum if momentum is None else momentum
-    layout = get_layout(data_format)
 
     error = _validate_forward(x, weight, bias, running_mean, running_var, mask, layout,
                               eps, momentum, training, variance, xp=xp)
-    if training and comm.size > 1:
-        signature = {"channels": 0, "dtype": -1, "data_format": layout.code,
-                     "variance": _index(VARIANCE_ALGORITHMS, variance),
-                     "weighting": _index(("count", "equal"), conv.weighting)}
-        if error is None:
-            signature.update(channels=layout.channels(x.shape), dtype=_dtype_code(x.dtype, xp))
-        agree(comm, "forward", error, signature, _describe)
-    elif error is not None:
-        raise error
+    kern = None
+    if error is None:
+        try:
+            kern = kernels.select(x, backend)
+        except (ValueError, TypeError) as err:
+            error = err
+    agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv, eps, momentum,
+                  variance, training, xp=xp)
 
     x3 = layout.view(x, xp=xp)
     mask3 = None if mask is None else layout.view_mask(mask, x.shape, xp=xp)
-    if training:
-        mean, var, m, omega, n = _batch_stats(x3, mask3, conv, variance, comm, xp=xp)
-        new_rm, new_rv = _update_running(running_mean, running_var, mean, var, m, n,
-                                         conv, momentum, xp=xp)
-    else:
-        mean = xp.astype(running_mean, xp.float64)
-        var = xp.astype(running_var, xp.float64)
-        m, omega = _moments.count(x3, mask3, xp=xp), 0.0
-        new_rm, new_rv = running_mean, running_var
-    invstd = 1.0 / xp.sqrt(var + eps)
-    scale = invstd if weight is None else invstd * xp.astype(weight, xp.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # documented NaN/Inf
+        if training:
+            mean, var_s, pow2, m, omega, n = _batch_stats(x3, mask3, conv, variance, comm,
+                                                          kern, xp=xp)
+            var = var_s if pow2 is None else var_s * pow2 * pow2  # may overflow: documented
+            new_rm, new_rv = _update_running(running_mean, running_var, mean, var, m, n,
+                                             conv, momentum, xp=xp)
+        else:
+            mean = xp.astype(running_mean, xp.float64)
+            var, pow2 = xp.astype(running_var, xp.float64), None
+            m, omega = kern.count(x3, mask3, xp=xp), 0.0
+            new_rm, new_rv = running_mean, running_var
+        if pow2 is None:
+            kx3, kmean, invstd = x3, mean, 1.0 / xp.sqrt(var + eps)
+            kinvstd = invstd
+        else:  # x / 2^E, mean / 2^E, invstd * 2^E: exact power-of-two scaling
+            kx3 = xp.astype(x3, xp.float64) / xp.reshape(pow2, (1, -1, 1))
+            kmean = mean / pow2
+            kinvstd = 1.0 / xp.sqrt(var_s + eps / (pow2 * pow2))
+            invstd = kinvstd / pow2
+        scale = kinvstd if weight is None else kinvstd * xp.astype(weight, xp.float64)
     shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
-    y3 = _moments.normalize(x3, mean, scale, shift, xp=xp, dtype=x.dtype)
-    saved = Saved(x3, mask3, tuple(x.shape), x.dtype, layout, weight, mean, var, invstd,
-                  m, omega, bool(training), conv, comm, xp)
+    y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
+    saved = Saved(kx3, mask3, tuple(x.shape), x.dtype, layout, weight, mean, var, invstd,
+                  kmean, kinvstd, m, omega, bool(training), conv, comm, kern, xp)
     return ForwardResult(xp.reshape(y3, x.shape), saved, new_rm, new_rv)
 
 
@@ -236,29 +264,22 @@ def backward(dy, saved: Saved, *, param_grads=None):
     affine = s.weight is not None
     error = _validate_backward(dy, s, pg, xp=xp)
     reduce_params = affine and pg != "local"
-    # Agree whenever SOME rank may communicate: the condition must not depend on
-    # affine, which could differ between ranks (one waiting forever otherwise).
-    if (s.training or pg != "local") and s.comm.size > 1:
-        signature = {"channels": s.layout.channels(s.shape), "training": int(s.training),
-                     "param_grads": _index(_PARAM_GRADS, pg), "affine": int(affine)}
-        agree(s.comm, "backward", error, signature, _describe)
-    elif error is not None:
-        raise error
+    agree_backward(s.comm, error, dy, s, pg, xp=xp)
 
     dy3 = s.layout.view(dy, xp=xp)
-    a, b = _moments.grad_sums(dy3, s.x3, s.mean, xp=xp)
-    b = b * s.invstd  # sum dy * x_hat
-    if s.training or reduce_params:
-        total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
-        a_sum, b_sum = total[0, :], total[1, :]
-    w = xp.ones_like(s.invstd) if not affine else xp.astype(s.weight, xp.float64)
-    k_dy = w * s.invstd
-    zeros = xp.zeros_like(k_dy)
-    if s.training:
-        k_x, k_0 = k_dy * s.invstd * b_sum * s.omega, k_dy * a_sum * s.omega
-    else:
-        k_x, k_0 = zeros, zeros
-    dx3 = _moments.grad_input(dy3, s.x3, s.mean, k_dy, k_x, k_0, s.mask3, xp=xp, dtype=s.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf statistics propagate
+        a, b = s.kernels.grad_sums(dy3, s.x3, s.kmean, s.kinvstd, xp=xp)  # sum dy, sum dy x_hat
+        if s.training or reduce_params:
+            total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
+            a_sum, b_sum = total[0, :], total[1, :]
+        w = xp.ones_like(s.invstd) if not affine else xp.astype(s.weight, xp.float64)
+        k_dy = w * s.invstd
+        if s.training:  # x_hat * B = (x3 - kmean) * kinvstd * B
+            k_x, k_0 = k_dy * s.kinvstd * b_sum * s.omega, k_dy * a_sum * s.omega
+        else:
+            k_x = k_0 = xp.zeros_like(k_dy)
+    dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, k_dy, k_x, k_0, s.mask3, xp=xp,
+                               dtype=s.dtype)
     dx = xp.reshape(dx3, s.shape)
     if not affine:
         return Grads(dx, None, None)
@@ -279,24 +300,151 @@ def ordered_sum(records, *, xp):
     return total
 
 
-def _batch_stats(x3, mask3, conv, variance, comm, *, xp):
-    """Synchronized (mean, biased var, global count m, omega, local count n)."""
-    c = x3.shape[1]
-    dev = x3.device
-    n = _moments.count(x3, mask3, xp=xp)
-    if conv.weighting == "count":
-        weight_r, scale_r = float(n), 1.0
+def combine_moments(records, *, xp, weighting="count"):
+    """Combine the ranks' ``(n, mean, M2, e)`` records EXACTLY, in rank order.
+
+    A ``Communicator.combine`` fn: ``records`` is the ``(P, 4, c)`` stack of
+    the ranks' records, rows ``n_r`` (count), ``mean_r``, ``M2_r / 4^e_r``
+    and ``e_r`` (a power-of-two exponent, 0 unless the rank's squares
+    overflowed; see :func:`forward`), per channel. Returns ``(5, c)``: rows
+    ``m`` (total count), ``R`` (non-empty ranks), ``mean``, ``var / 4^E`` and
+    ``E`` (0 unless the combination needed scaling).
+
+    Parameters
+    ----------
+    records : array of shape (P, 4, c), float64
+        The ranks' records in rank order.
+    xp : namespace
+        Array namespace of ``records``.
+    weighting : {"count", "equal"}
+        ``count``: the exact global-batch statistics (Chan's parallel
+        combination); ``equal``: each non-empty rank weighs the same.
+
+    Returns
+    -------
+    array of shape (5, c), float64
+
+    Notes
+    -----
+    With weights ``w_r = n_r`` and ``W = m`` (count) or ``w_r = [n_r > 0]``
+    and ``W = R`` (equal), and ``q_r = M2_r`` (count) or ``M2_r / n_r``
+    (equal)::
+
+        mean = sum_r w_r mean_r / W
+        var  = (sum_r q_r + sum_r w_r (mean_r - mean)^2) / W
+
+    No difference of large sums is formed, so there is no cancellation; the
+    equal weighting gives the value of "mean over ranks of E[x^2] minus
+    mean^2" without forming it. Every sum runs over the ranks in rank order,
+    element-wise per channel. When an exponent is non-zero or the result
+    overflows (finite data near the float64 range), every term is divided by
+    ``2^E`` (``4^E`` for squares), ``E`` per channel from the magnitudes of the
+    records: exact, so the scaled result is the unscaled one divided by
+    ``2^E`` (``4^E``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rank0 = [[2, 2], [1.0, 5.0], [2.0, 0.0], [0, 0]]    # x = {0, 2} and {5, 5}
+    >>> rank1 = [[1, 1], [4.0, 5.0], [0.0, 0.0], [0, 0]]    # x = {4} and {5}
+    >>> combine_moments(np.array([rank0, rank1]), xp=np)[:4]
+    array([[3.        , 3.        ],
+           [2.        , 2.        ],
+           [2.        , 5.        ],
+           [2.66666667, 0.        ]])
+    """
+    n, mu, m2, e = (records[:, i, :] for i in range(4))
+    nonempty = xp.astype(n > 0, xp.float64)
+    m, r = _rank_sum(n, xp=xp), _rank_sum(nonempty, xp=xp)
+    if weighting == "count":
+        w, big_w, q = n, m, m2
     else:
-        weight_r, scale_r = float(n > 0), (1.0 / n if n else 0.0)
-    s, m2 = _moments.sum_and_m2(x3, mask3, n, xp=xp)
-    head = xp.full((c,), float(n), dtype=xp.float64, device=dev)
-    rows = [head, xp.full((c,), weight_r, dtype=xp.float64, device=dev), s * scale_r]
-    if variance == "sumsq":
-        rows.append((m2 + s * s / n if n else m2) * scale_r)
-    total = comm.combine(xp.stack(rows), ordered_sum, xp=xp)
+        w, big_w, q = nonempty, r, m2 / xp.where(n > 0, n, xp.ones_like(n))
+    big_w = xp.where(big_w > 0, big_w, xp.ones_like(big_w))  # an empty group raises later
+    mean, var = _chan(w, mu, q, big_w, xp=xp)
+    exp = xp.zeros_like(mean)
+    if not bool(xp.all(e == 0)) or not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
+        exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
+                                _log2(m2, xp=xp) / 2 + e), axis=0)
+        exp = xp.clip(xp.ceil(exp), 0, 1023)
+        down = _pow2(-exp, xp=xp)
+        mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
+        mean = mean_s / down
+    return xp.stack([m, r, mean, var, exp])
+
+
+def _chan(w, mu, q, big_w, *, xp):
+    """Weighted mean and variance of the ranks' records (see :func:`combine_moments`)."""
+    mean = _rank_sum(w * mu, xp=xp) / big_w
+    d = mu - mean
+    return mean, (_rank_sum(q, xp=xp) + _rank_sum(w * d * d, xp=xp)) / big_w
+
+
+def _rank_sum(v, *, xp):
+    """Sum of ``v`` over its first axis (the ranks), in rank order."""
+    total = v[0, ...]
+    for r in range(1, v.shape[0]):
+        total = total + v[r, ...]
+    return total
+
+
+def _log2(v, *, xp):
+    """``log2(v)`` for finite ``v > 0``; -1022 for 0 and tiny values, 0 for Inf/NaN."""
+    tiny = xp.full_like(v, 2.0 ** -1022)
+    return xp.where(xp.isfinite(v), xp.log2(xp.maximum(v, tiny)), xp.zeros_like(v))
+
+
+def _pow2(e, *, xp):
+    """``2.0 ** e`` for integer-valued float64 ``e`` (exact)."""
+    return xp.pow(xp.full_like(e, 2.0), e)
+
+
+def _local_record(x3, mask3, kern, *, xp):
+    """This rank's ``(n, mean, M2 / 4^e, e)`` record, ``(4, C)`` float64.
+
+    Where a channel's data are finite but its moments are not (squares or sums
+    beyond the float64 range), the moments are those of ``x / 2^e`` with
+    ``e = floor(log2 max |x|)``: exact scaling, no overflow.
+    """
+    n = kern.count(x3, mask3, xp=xp)
+    mean, m2 = kern.moments(x3, mask3, xp=xp)
+    e = xp.zeros_like(mean)
+    if not bool(xp.all(xp.isfinite(mean) & xp.isfinite(m2))):
+        x = xp.abs(xp.astype(x3, xp.float64))
+        if mask3 is not None:
+            x = xp.where(mask3, x, xp.zeros_like(x))
+        top = xp.max(x, axis=(0, 2))
+        bad = xp.isfinite(top) & ~(xp.isfinite(mean) & xp.isfinite(m2))
+        e = xp.where(bad, xp.floor(_log2(top, xp=xp)), e)
+        down = _pow2(-e, xp=xp)
+        mean_s, m2_s = kern.moments(xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)),
+                                    mask3, xp=xp)
+        mean, m2 = xp.where(bad, mean_s / down, mean), xp.where(bad, m2_s, m2)
+    return n, xp.stack([xp.full_like(mean, float(n)), mean, m2, e])
+
+
+def _naive_record(n, record, conv, *, xp):
+    """``[n, weight, S, Q]`` of the ``naive`` emulation (``E[x^2] - E[x]^2``)."""
+    mean, m2 = record[1, :], record[2, :]
+    weight_r, scale_r = (float(n), 1.0) if conv.weighting == "count" else \
+        (float(n > 0), 1.0 / n if n else 0.0)
+    s = mean * n
+    return xp.stack([record[0, :], xp.full_like(mean, weight_r), s * scale_r,
+                     (m2 + s * mean) * scale_r])
+
+
+def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
+    """Synchronized (mean, var / 4^E, 2^E or None, global count m, omega, local count n)."""
+    n, record = _local_record(x3, mask3, kern, xp=xp)
+    if variance == "naive":
+        total = comm.combine(_naive_record(n, record, conv, xp=xp), ordered_sum, xp=xp)
+    elif conv.weighting == "count":
+        total = comm.combine(record, combine_moments, xp=xp)
+    else:
+        total = comm.combine(record, _combine_equal, xp=xp)
     # Counts are integer-valued float64 sums, exact below 2**53: identical on
     # every rank, so branching on them cannot split the group.
-    m, cnt = int(total[0, 0]), float(total[1, 0])
+    m, big_w = int(total[0, 0]), float(total[1, 0])
     if m == 0:
         msg = ("forward: every rank of the group passed an empty batch; batch statistics "
                "of zero elements are undefined")
@@ -305,14 +453,19 @@ def _batch_stats(x3, mask3, conv, variance, comm, *, xp):
         msg = (f"Expected more than 1 value per channel when training, got a global count "
                f"of 1 per channel (convention {conv.name!r})")
         raise ValueError(msg)
-    mean = total[2, :] / cnt
-    if variance == "sumsq":
-        var = total[3, :] / cnt - mean * mean
-        var = xp.where(var < 0, xp.zeros_like(var), var)
-    else:
-        local = _moments.sumsq_about(x3, mask3, mean, xp=xp) * scale_r
-        var = comm.combine(xp.reshape(local, (1, c)), ordered_sum, xp=xp)[0, :] / cnt
-    return mean, var, m, scale_r / cnt, n
+    omega = 1.0 / m if conv.weighting == "count" else 1.0 / (n * big_w) if n else 0.0
+    if variance == "naive":
+        mean = total[2, :] / big_w
+        var = total[3, :] / big_w - mean * mean
+        return mean, xp.where(var < 0, xp.zeros_like(var), var), None, m, omega, n
+    # E is identical on every rank (a combined value), so is this branch.
+    pow2 = _pow2(total[4, :], xp=xp) if bool(xp.any(total[4, :] > 0)) else None
+    return total[2, :], total[3, :], pow2, m, omega, n
+
+
+def _combine_equal(records, *, xp):
+    """:func:`combine_moments` with equal weighting of the non-empty ranks."""
+    return combine_moments(records, xp=xp, weighting="equal")
 
 
 def _update_running(running_mean, running_var, mean, var, m, n, conv, momentum, *, xp):
@@ -399,25 +552,3 @@ def momentum_error(momentum):
     if _is_real(momentum) and 0 <= momentum <= 1:
         return None
     return ValueError(f"momentum is {momentum!r}; expected a float in [0, 1]")
-
-
-def _dtype_code(dtype, xp) -> int:
-    """Index of ``dtype`` in ``_FLOAT_NAMES`` (-1 if not a supported float)."""
-    for i, name in enumerate(_FLOAT_NAMES):
-        if hasattr(xp, name) and dtype == getattr(xp, name):
-            return i
-    return -1
-
-
-def _index(options, value) -> int:
-    return options.index(value) if value in options else -1
-
-
-def _describe(field, code) -> str:
-    """How a rank's signature entry reads in an error message."""
-    if field == "channels":
-        return f"{code} channels"
-    names = {"dtype": _FLOAT_NAMES, "data_format": DATA_FORMATS, "variance": VARIANCE_ALGORITHMS,
-             "weighting": ("count", "equal"), "param_grads": _PARAM_GRADS,
-             "training": ("False", "True"), "affine": ("False", "True")}[field]
-    return f"{field} {names[code] if 0 <= code < len(names) else 'unsupported'}"

@@ -32,15 +32,19 @@ def _check_results(results, world_size):
         assert set(bench.RESULT_KEYS) <= set(r), set(bench.RESULT_KEYS) - set(r)
         assert r["world_size"] == world_size
         c = _channels(case)
-        # one packed data all-reduce per pass: [n, weight, sum(C), sumsq(C)] and
+        # one packed data collective per pass: [n, mean(C), M2(C), e(C)] and
         # [sum dy(C), sum dy*xhat(C)] in float64; one int64 agreement when K > 1
         agree = int(world_size > 1)
         assert r["collectives"] == {"forward": {"data": 1, "agree": agree},
                                     "backward": {"data": 1, "agree": agree}}
-        assert r["bytes_per_pass"]["forward"]["data"] == 4 * c * 8  # [n, weight, sum, sumsq] per channel
+        assert r["bytes_per_pass"]["forward"]["data"] == 4 * c * 8  # [n, mean, M2, e] per channel
         assert r["bytes_per_pass"]["backward"]["data"] == 2 * c * 8
-        for key in ("forward_ms", "backward_ms", "step_ms", "copy_ms", "bound_ms"):
+        for key in ("forward_ms", "backward_ms", "step_ms", "copy_ms", "bound_ms",
+                    "ratio_to_bound"):
             assert r[key] > 0, key
+        assert r["backend"] in ("numpy", "numba") and r["calls_per_repetition"] >= 1
+        if r["torch_ms"] is not None:
+            assert r["ratio_to_torch"] > 0
         assert r["peak_bytes"] > 0
         assert (r["scaling"] is None) == (world_size == 1)
 
@@ -83,6 +87,20 @@ def test_bench_in_one_process_reports_no_scaling(tmp_path, capsys):
     assert bench.main(args) == 0
     _check_results(json.loads((tmp_path / "b.json").read_text())["results"], world_size=1)
     assert "| NCHW | 5x3x4x4 | float32 | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_bench_runs_and_names_the_forced_backend(tmp_path, backend):
+    if backend == "numba" and importlib.util.find_spec("numba") is None:
+        pytest.skip("needs numba")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--case", "NCL:4x3x5", "--dtype", "float64", "--repeat", "1",
+                              "--warmup", "0", "--no-torch", "--no-progress", "--backend",
+                              backend, "--json", str(tmp_path / "b.json")])
+    assert bench.main(args) == 0
+    (result,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert result["backend"] == backend and result["dtype"] == "float64"
 
 
 @pytest.mark.parametrize("text", ["NCHW:4x3x4", "NXYZ:4x3", "NC:4xa", "NC:0x3"])

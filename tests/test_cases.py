@@ -18,6 +18,7 @@ from refsyncbn.cases import (
     write_case,
     write_result,
 )
+from refsyncbn.cli import main as cli_main
 from refsyncbn.testing.strategies import cases
 
 FIELDS = [f.name for f in dataclasses.fields(Case)]
@@ -96,6 +97,7 @@ class TestCaseErrorsNameTheKey:
         ({"splits": ()}, r"key 'splits' is \[\]"),
         ({"groups": [[0, 1]]}, "key 'groups' is .*every rank of the world"),
         ({"groups": [[0, 1], [1, 2]]}, "key 'groups': .*rank 1 is in group 0 and group 1"),
+        ({"variance": "two_pass"}, r"key 'variance' is 'two_pass'; expected one of \('stable'"),
     ])
     def test_constructor(self, changes, match):
         with pytest.raises(ValueError, match=match):
@@ -119,6 +121,7 @@ class TestCaseErrorsNameTheKey:
         ({"groups": np.array([0, 1, 2])}, r"key 'groups' has shape \(3,\); expected a 2-D int"),
         ({"extra": np.ones(1)}, r"unknown key\(s\) \['extra'\]"),
         ({"running_mean": np.ones(5)}, "key 'running_mean' has shape"),
+        ({"variance": np.str_("sumsq")}, "key 'variance' is 'sumsq'"),
     ])
     def test_reader(self, tmp_path, changes, match):
         path = self._write(tmp_path / "bad.npz", **changes)
@@ -142,3 +145,34 @@ class TestCaseErrorsNameTheKey:
         path = self._write(tmp_path / "ok.npz")
         assert str(np.load(path)["schema"]) == SCHEMA
         _assert_same(read_case(path), _small_case())
+
+
+class TestVarianceChoice:
+    """Case files and ``run`` carry ``forward``'s variance algorithm (default ``stable``)."""
+
+    def _case(self, **changes):
+        x = 1e8 + np.random.default_rng(0).standard_normal((6, 3))  # naive cancels here
+        return _small_case(x=x, splits=(2, 4), **changes)
+
+    def test_files_without_the_key_read_as_stable(self, tmp_path):
+        path = tmp_path / "old.npz"
+        write_case(path, _small_case())
+        with np.load(path) as f:
+            np.savez(path, **{k: f[k] for k in f.files if k != "variance"})
+        assert read_case(path).variance == "stable"
+
+    @pytest.mark.parametrize(("in_file", "flag", "used"), [
+        ("naive", None, "naive"), ("stable", None, "stable"), ("naive", "stable", "stable"),
+        ("stable", "naive", "naive")])
+    def test_run_uses_the_file_choice_unless_overridden(self, tmp_path, in_file, flag, used):
+        write_case(tmp_path / "c.npz", self._case(variance=in_file))
+        argv = ["run", str(tmp_path / "c.npz"), str(tmp_path / "o"), "--world", "2"]
+        assert cli_main(argv + ([] if flag is None else ["--variance", flag])) == 0
+        got = read_result(tmp_path / "o" / "rank0.npz")["running_var"]
+        write_case(tmp_path / "ref.npz", self._case(variance=used))
+        assert cli_main(["run", str(tmp_path / "ref.npz"), str(tmp_path / "r"), "--world", "2"]) == 0
+        np.testing.assert_array_equal(got, read_result(tmp_path / "r" / "rank0.npz")["running_var"])
+        other = self._case(variance="naive" if used == "stable" else "stable")
+        write_case(tmp_path / "other.npz", other)
+        assert cli_main(["run", str(tmp_path / "other.npz"), str(tmp_path / "x"), "--world", "2"]) == 0
+        assert (got != read_result(tmp_path / "x" / "rank0.npz")["running_var"]).any()

@@ -88,6 +88,13 @@ class TestChecks:
         assert (bn.moving_mean == 0.5).all() and (bn.moving_variance == 2.0).all()
         assert (SyncBatchNorm(2, gamma_init="ONES").gamma == 1).all()
 
+    def test_array_initializers_are_copied(self):
+        init = np.ones(3, np.float32)
+        bn = SyncBatchNorm(3, gamma_init=init, moving_var_init=init)
+        bn.gamma[...] = 2.0
+        np.testing.assert_array_equal(bn.moving_variance, np.ones(3))
+        np.testing.assert_array_equal(init, np.ones(3))
+
     @pytest.mark.parametrize("shape", [(4, 2, 3), (2, 2, 1, 1, 1)])
     def test_only_2d_and_4d_inputs(self, shape):
         def body(comm):

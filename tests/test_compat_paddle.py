@@ -43,6 +43,22 @@ class TestMatchesOracle:
         got = SimulatedWorld(2).run(body, [0, 1])
         assert mismatches(got, case, keys=("y", "dx", "running_mean", "running_var")) == []
 
+    @pytest.mark.parametrize(("weight_attr", "bias_attr"), [(False, None), (None, False)])
+    def test_each_frozen_flag_drops_only_its_own_gradient(self, weight_attr, bias_attr):
+        x = np.array([[1.0, -2.0], [3.0, 6.0], [5.0, 2.0]])
+        dy = np.array([[0.5, 1.0], [-1.0, 2.0], [4.0, -0.25]])
+        bn = BatchNorm(2, data_format="NC", weight_attr=weight_attr, bias_attr=bias_attr)
+        bn(x)
+        bn.backward(dy)
+        xhat = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-5)
+        grads = {"weight": (dy * xhat).sum(axis=0), "bias": dy.sum(axis=0)}
+        for name, attr in (("weight", weight_attr), ("bias", bias_attr)):
+            got = getattr(bn, f"{name}_grad")
+            if attr is False:
+                assert got is None, f"{name}_attr=False but {name}_grad is {got}"
+            else:
+                np.testing.assert_allclose(got, grads[name], rtol=1e-6, atol=1e-6)
+
     def test_differs_from_count_weighting_when_ranks_are_uneven(self):
         case = make_case(np.random.default_rng(22), (5, 2), (1, 4), data_format="NC",
                          convention="paddle", momentum=0.9)

@@ -12,8 +12,8 @@ The central difference then errs by ``h**2 |L'''| / 6 ~ 1e-10`` relative
 (truncation) plus ``u |L| / h`` (rounding, ``u = 1.1e-16``), ~1e-9 of the
 gradient scale for these sizes; we allow 1e-6 of the largest gradient
 magnitude of the tensor plus that rounding term, bounded per element as
-``16 u sum |dy * y| / h`` (see ``_close``). The loss is evaluated with the ``two_pass`` variance:
-``sumsq`` computes ``E[x^2] - mean^2``, whose float64 rounding is amplified by
+``16 u sum |dy * y| / h`` (see ``_close``). The loss is evaluated with the default ``stable`` variance:
+``naive`` computes ``E[x^2] - mean^2``, whose float64 rounding is amplified by
 ``mean^2 / var`` (e.g. 650 for two values 2.87 and 3.10), which divided by ``h``
 would swamp the comparison; both algorithms have the same exact gradient.
 A missing or wrong term of the chain rule (a
@@ -42,7 +42,7 @@ REL = 1e-6
 def _loss(case, **changes) -> float:
     """``sum_r <dy_r, y_r>`` of ``case`` with ``changes`` applied (forward only)."""
     probe = dataclasses.replace(case, dy=None, **changes)
-    outs = run_case(probe, variance="two_pass")
+    outs = run_case(probe)
     return sum(float(np.sum(case.shard(r)["dy"] * o["y"])) for r, o in enumerate(outs))
 
 

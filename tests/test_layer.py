@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from refsyncbn import RankError, SimulatedWorld
 from refsyncbn.layer import BatchNorm, Sequential, SyncBatchNorm, convert_sync_batchnorm
+from refsyncbn.sparse import SparseCooTensor
 from tests._layers import channels, make_case, mismatches, run_simulated
 
 
@@ -182,3 +185,121 @@ class TestOtherNamespaces:
         ref = BatchNorm(2, data_format="NC", dtype=np.float64)
         np.testing.assert_allclose(np.concatenate([np.asarray(o[0]) for o in out]), ref(x),
                                    rtol=1e-12)
+
+
+def _every_layer_class():
+    """``(name, factory(C), input of C channels, channel axis)`` for every layer class."""
+    from refsyncbn.compat import mindspore, paddle, torch
+
+    dense = np.random.default_rng(9).normal(size=(2, 3, 2, 2))
+    coo = SparseCooTensor(np.array([[0, 0, 0], [0, 1, 3]]),
+                          np.random.default_rng(10).normal(size=(3, 3)), (1, 4, 3))
+    return [
+        ("BatchNorm", lambda c: BatchNorm(c), dense),
+        ("SyncBatchNorm", lambda c: SyncBatchNorm(c), dense),
+        ("torch.BatchNorm", lambda c: torch.BatchNorm(c), dense),
+        ("torch.SyncBatchNorm", lambda c: torch.SyncBatchNorm(c), dense),
+        ("paddle.BatchNorm", lambda c: paddle.BatchNorm(c), dense),
+        ("paddle.SyncBatchNorm", lambda c: paddle.SyncBatchNorm(c), dense),
+        ("paddle.sparse.BatchNorm", lambda c: paddle.sparse.BatchNorm(c), coo),
+        ("paddle.sparse.SyncBatchNorm", lambda c: paddle.sparse.SyncBatchNorm(c), coo),
+        ("mindspore.SyncBatchNorm", lambda c: mindspore.SyncBatchNorm(c), dense),
+    ]
+
+
+LAYER_CLASSES = _every_layer_class()
+STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+def _as_rows(x):
+    """``(positions, C)`` float64 view of a dense NCHW input or of COO values."""
+    if isinstance(x, SparseCooTensor):
+        return np.asarray(x.values, np.float64)
+    return np.moveaxis(np.asarray(x, np.float64), 1, -1).reshape(-1, x.shape[1])
+
+
+@pytest.mark.parametrize(("name", "make", "x"), LAYER_CLASSES, ids=[c[0] for c in LAYER_CLASSES])
+class TestEveryLayerOwnsItsState:
+    def test_no_two_state_arrays_share_memory(self, name, make, x):
+        layer = make(3)
+        arrays = {k: getattr(layer, k) for k in STATE}
+        for a, b in itertools.combinations(STATE, 2):
+            assert not np.shares_memory(arrays[a], arrays[b]), f"{name}: {a} aliases {b}"
+
+    def test_setting_parameters_in_place_leaves_running_statistics_alone(self, name, make, x):
+        layer = make(3)
+        layer.weight[...] = 2.0
+        layer.bias[...] = 3.0
+        np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+        np.testing.assert_array_equal(layer.running_var, np.ones(3))
+        layer.running_mean[...] = 5.0
+        layer.running_var[...] = 7.0
+        np.testing.assert_array_equal(layer.weight, np.full(3, 2.0))
+        np.testing.assert_array_equal(layer.bias, np.full(3, 3.0))
+
+    def test_eval_before_the_first_step_uses_the_set_parameters(self, name, make, x):
+        layer = make(3).eval()
+        layer.weight[...] = [2.0, -1.0, 0.5]
+        layer.bias[...] = [3.0, 0.0, -4.0]
+        y = layer(x)
+        eps = layer.eps
+        # Running statistics 0 and 1: y = x / sqrt(1 + eps) * weight + bias, float64.
+        want = _as_rows(x) / np.sqrt(1.0 + eps) * [2.0, -1.0, 0.5] + [3.0, 0.0, -4.0]
+        np.testing.assert_allclose(_as_rows(y), want, rtol=1e-12, atol=1e-12)
+
+
+def _converters():
+    """``(name, plain layer with eps=0.5 on (N, C) input, convert)`` for each converter."""
+    from refsyncbn.compat import paddle, torch
+
+    return [
+        ("refsyncbn", lambda: BatchNorm(2, eps=0.5, data_format="NC"), convert_sync_batchnorm),
+        ("torch", lambda: torch.BatchNorm(2, eps=0.5), torch.SyncBatchNorm.convert_sync_batchnorm),
+        ("paddle", lambda: paddle.BatchNorm(2, epsilon=0.5, data_format="NC"),
+         paddle.SyncBatchNorm.convert_sync_batchnorm),
+    ]
+
+
+CONVERTERS = _converters()
+
+
+@pytest.mark.parametrize(("name", "make", "convert"), CONVERTERS, ids=[c[0] for c in CONVERTERS])
+class TestConversionKeepsEps:
+    def test_converted_layer_normalizes_with_the_old_eps(self, name, make, convert):
+        new = convert([make()])[0]
+        assert type(new).__name__ == "SyncBatchNorm"
+        x = np.array([[1.0, -2.0], [3.0, 6.0]])
+        # Batch variance 1 and 16: y = (x - mean) / sqrt(var + 0.5), float64.
+        want = (x - [2.0, 2.0]) / np.sqrt([1.5, 16.5])
+        np.testing.assert_allclose(new(x), want, rtol=1e-12)
+        want_eval = x / np.sqrt(1.5)  # running statistics 0 and 1, untouched in eval
+        np.testing.assert_allclose(convert([make()])[0].eval()(x), want_eval, rtol=1e-12)
+
+
+class TestSaveLoad:
+    def test_strict_load_rejects_unexpected_keys_in_the_file(self, tmp_path):
+        bn = BatchNorm(2, data_format="NC")
+        np.savez(tmp_path / "extra.npz", **bn.state_dict(), momentum=np.array(0.5))
+        with pytest.raises(ValueError, match=r"unexpected keys \['momentum'\]"):
+            bn.load(tmp_path / "extra.npz")
+        bn.load(tmp_path / "extra.npz", strict=False)  # non-strict: the extra key is ignored
+        assert bn.momentum == 0.9
+
+    def test_strict_load_rejects_parameters_a_layer_without_affine_lacks(self, tmp_path):
+        BatchNorm(2, data_format="NC").save(tmp_path / "affine.npz")
+        with pytest.raises(ValueError, match=r"unexpected keys \['bias', 'weight'\]"):
+            BatchNorm(2, affine=False, data_format="NC").load(tmp_path / "affine.npz")
+
+    @pytest.mark.parametrize(("saved", "layer"), [(np.float64, np.float32),
+                                                  (np.float32, np.float64)])
+    def test_load_converts_to_the_layer_dtype(self, tmp_path, saved, layer):
+        src = BatchNorm(2, data_format="NC", dtype=saved)
+        src(np.array([[1.0, 2.0], [4.0, 8.0]], dtype=saved))
+        src.save(tmp_path / "bn.npz")
+        dst = BatchNorm(2, data_format="NC", dtype=layer)
+        dst.load(tmp_path / "bn.npz")
+        for key in STATE:
+            value = getattr(dst, key)
+            assert value.dtype == layer, f"{key} has dtype {value.dtype}; expected {layer}"
+            np.testing.assert_array_equal(value, getattr(src, key).astype(layer))
+        assert dst.num_batches_tracked == 1

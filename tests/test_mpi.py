@@ -87,6 +87,40 @@ class TestFailureInjection:
         assert not left, f"orphan ranks still running: {left}"
 
 
+class TestDivergence:
+    """The issue's divergences under ``mpiexec -n 3``: every rank raises, well within a timeout."""
+
+    def test_eval_twice_groups_and_convention_deviations_raise_on_every_rank(self):
+        proc = mpirun(3, "tests/mpi/mpi_diverge.py", "diverge", timeout=60)
+        _assert_ok(proc, "diverge", 3)
+        for r in range(3):
+            for scenario in ("eval", "forward-twice", "groups", "convention"):
+                assert re.search(rf"rank {r} {scenario}: ValueError: \S", proc.stdout), proc.stdout
+        assert "rank 0 forward-twice: ValueError: backward: rank 1 is in forward(training=False) " \
+               "call #2, rank 0 in backward call #1" in proc.stdout
+        assert "rank 1 groups: ValueError: group_comm: rank 1 passed process_groups=[[0, 1], " \
+               "[2]], rank 0 passed another process_groups" in proc.stdout
+        assert "rank 2 groups: ValueError: group_comm: rank 1 passed another process_groups " \
+               "(digest 0x" in proc.stdout
+
+    def test_a_rank_that_never_calls_aborts_the_job_with_the_deadline_message(self):
+        # The last rank sleeps 120 s: only the abort can end the job within mpirun's 60 s.
+        proc = mpirun(3, "tests/mpi/mpi_diverge.py", "timeout", timeout=60)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out
+        assert "CollectiveTimeout: MPIComm: forward(training=True) call #1 (agreement) did not " \
+               "complete within 2 s on a clone of MPI_COMM_WORLD" in out, out
+        assert "returned from forward" not in out, out
+
+    @pytest.mark.parametrize("n", [2, 3, 4])
+    def test_owner_computes_combine_is_bitwise_the_rank_ordered_function(self, n):
+        proc = mpirun(n, "tests/mpi/mpi_diverge.py", "combine", timeout=90)
+        _assert_ok(proc, "combine", n)
+        owner = "owner" if n >= 3 else "gather"  # two ranks: the all-gather moves no more
+        assert f"combine C=44000 path={owner}: bitwise equal" in proc.stdout
+        assert "combine C=2 path=gather: bitwise equal" in proc.stdout
+
+
 def _processes_with(token):
     """``ps`` lines of the processes whose command line contains ``token``."""
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from refsyncbn.comm import (
+    TIMEOUT_ENV,
+    CollectiveTimeout,
     Communicator,
     LocalComm,
     RankError,
@@ -118,17 +120,32 @@ class TestFailures:
             SimulatedWorld(3).run(body, [None] * 3)
         assert list(info.value.errors) == [2]
 
-    def test_a_rank_that_never_joins_times_the_others_out(self, monkeypatch):
-        monkeypatch.setattr(simulated, "_TIMEOUT_S", 0.2)
-
+    def test_a_rank_that_never_joins_times_the_others_out_naming_it(self):
         def body(comm, _):
             return None if comm.rank == 1 else _allreduce(comm, 1.0)
 
         with pytest.raises(RankError) as info:
-            SimulatedWorld(2).run(body, [None, None])
-        assert list(info.value.errors) == [0]
-        assert isinstance(info.value.errors[0], TimeoutError)
-        assert "1 rank(s) never joined" in str(info.value.errors[0])
+            SimulatedWorld(3, timeout=0.2).run(body, [None] * 3)
+        assert list(info.value.errors) == [0, 2]
+        timed_out = [e for e in info.value.errors.values() if isinstance(e, CollectiveTimeout)]
+        assert len(timed_out) >= 1 and isinstance(timed_out[0], TimeoutError)
+        assert all(isinstance(e, (CollectiveTimeout, PeerAborted))
+                   for e in info.value.errors.values())
+        assert "rank(s) [1] never arrived" in str(timed_out[0])
+        assert "within 0.2 s on the simulated world" in str(timed_out[0])
+
+    def test_the_deadline_comes_from_the_environment_and_is_checked(self, monkeypatch):
+        assert SimulatedWorld(2).timeout == simulated.DEFAULT_TIMEOUT_S
+        monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+        assert SimulatedWorld(2).timeout == 2.5
+        assert SimulatedWorld(2, timeout=7).timeout == 7.0
+        monkeypatch.setenv(TIMEOUT_ENV, "soon")
+        with pytest.raises(ValueError, match="SimulatedWorld: REFSYNCBN_TIMEOUT is 'soon'; "
+                                             "expected a number of seconds > 0"):
+            SimulatedWorld(2)
+        for bad in (0, -1.0, float("nan"), True, "5"):
+            with pytest.raises(ValueError, match=r"SimulatedWorld: timeout is .*; expected a "):
+                SimulatedWorld(2, timeout=bad)
 
 
 class TestLocalComm:
@@ -184,20 +201,51 @@ class TestGroupComm:
         out = SimulatedWorld(4).run(body, [None] * 4)
         assert out == [(0, 2, 101.0), (0, 2, 1010.0), (1, 2, 101.0), (1, 2, 1010.0)]
 
-    def test_a_rank_in_no_group_raises_naming_itself(self):
+    def test_a_rank_in_no_group_raises_naming_itself_and_the_others_name_it(self):
         def body(comm, _):
             sub = group_comm(comm, [[0, 2]])
             return float(_allreduce(sub, 1.0)[0])
 
         with pytest.raises(RankError) as info:
             SimulatedWorld(3).run(body, [None] * 3)
-        # Ranks 0 and 2 finish, or (if still waiting when rank 1 raised) abort like
-        # `python -m mpi4py` aborts the world: never hang, never another error.
-        others = {r: e for r, e in info.value.errors.items() if r != 1}
-        assert all(isinstance(e, PeerAborted) for e in others.values())
-        err = info.value.errors[1]
-        assert isinstance(err, ValueError)
-        assert "rank 1 is in no group of process_groups=[[0, 2]]" in str(err)
+        errors = info.value.errors
+        assert sorted(errors) == [0, 1, 2]
+        assert all(isinstance(e, ValueError) for e in errors.values())
+        assert "rank 1 is in no group of process_groups=[[0, 2]]" in str(errors[1])
+        for r in (0, 2):
+            assert "group_comm: rank(s) [1] of the group rejected their own inputs" in (
+                str(errors[r]))
+
+    def test_specs_that_differ_between_ranks_raise_on_every_rank_before_the_split(self):
+        specs = [[[0], [1, 2]], [[0, 1], [2]], [[0], [1, 2]]]
+
+        def body(comm, _):
+            return group_comm(comm, specs[comm.rank]).size
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(3).run(body, [None] * 3)
+        errors = info.value.errors
+        assert sorted(errors) == [0, 1, 2]
+        assert all(isinstance(e, ValueError) for e in errors.values())
+        assert ("group_comm: rank 1 passed process_groups=[[0, 1], [2]], rank 0 passed "
+                "another process_groups (digest ") in str(errors[1])
+        for r in (0, 2):
+            assert ("group_comm: rank 1 passed another process_groups (digest 0x") in (
+                str(errors[r]))
+            assert "rank 0 passed process_groups=[[0], [1, 2]]" in str(errors[r])
+
+    def test_none_on_one_rank_and_groups_on_the_others_raise_on_every_rank(self):
+        def body(comm, _):
+            return group_comm(comm, None if comm.rank == 2 else [[0, 1, 2]]).size
+
+        with pytest.raises(RankError) as info:
+            SimulatedWorld(3).run(body, [None] * 3)
+        assert sorted(info.value.errors) == [0, 1, 2]
+        assert "rank 2 passed process_groups=None" in str(info.value.errors[2])
+
+    def test_equal_specs_pass(self):
+        out = SimulatedWorld(3).run(lambda comm: group_comm(comm, [[0], [1, 2]]).size)
+        assert out == [1, 2, 2]
 
     def test_invalid_groups_raise_on_every_rank(self):
         with pytest.raises(RankError) as info:

@@ -3,21 +3,26 @@
 Launch under ``mpiexec -n K python -m mpi4py -m refsyncbn bench ...`` (or
 ``scripts/bench_syncbn.py``) to time K ranks; without a launcher it runs one
 process. For every case (data format, global shape, dtype) each rank times its
-shard of the global batch and reports, median of ``--repeat`` steps after
-``--warmup`` steps:
+shard of the global batch and reports, median of ``--repeat`` repetitions after
+``--warmup`` steps (a repetition runs enough steps to last ~20 ms, so tiny
+cases report a per-call time):
 
-* ``forward_ms``, ``backward_ms``, ``step_ms`` (slowest rank per repetition);
+* ``forward_ms``, ``backward_ms``, ``step_ms`` (slowest rank per repetition)
+  and the kernel ``backend`` that ran (``--backend``, else automatic);
 * ``collective_ms`` (time inside ``allreduce_sum``), the collectives per pass
   (``data``: packed float64 buffers; ``agree``: the tiny int64 agreement
   table) and the bytes each pass all-reduces;
 * ``peak_bytes``: tracemalloc peak of one untimed step, beyond its inputs;
-* baselines timed in the same run: ``copy_ms``, ``np.copyto`` of the local
-  tensor, from which ``bound_ms = 3 * copy_ms`` is the memory-traffic bound of a
-  step (forward reads x twice and writes y, backward reads x and dy and writes
-  dx: 6 tensor passes, a copy is 2); ``torch_ms``, torch CPU ``F.batch_norm``
-  forward plus autograd backward on the same local tensors, 1 thread (when
-  torch is installed); ``single_ms``, rank 0 running the whole global batch in
-  one process, for ``scaling = step_ms / single_ms`` (K > 1 only).
+* baselines interleaved with ours in every repetition (on rank 0, on its
+  local tensors): ``copy_ms``, ``np.copyto`` of the local tensor, from which
+  ``bound_ms = 3 * copy_ms`` is the memory-traffic bound of a step (forward
+  reads x twice and writes y, backward reads x and dy and writes dx: 6 tensor
+  passes, a copy is 2); ``torch_ms``, torch CPU ``F.batch_norm`` forward plus
+  autograd backward in the input's dtype on ``--threads`` threads (when torch
+  is installed). ``ratio_to_bound`` and ``ratio_to_torch`` are medians of the
+  per-repetition ratios, so load that drifts during the run cancels;
+* ``single_ms``: rank 0 running the whole global batch in one process, for
+  ``scaling = step_ms / single_ms`` (K > 1 only).
 
 Results go to ``--json`` and ``--markdown`` (a table), ``--plot`` draws a PNG
 (needs matplotlib). BLAS threads are limited to ``--threads`` with threadpoolctl
@@ -41,12 +46,15 @@ import numpy as np
 from ..comm.counting import CountingComm, Tally
 from ..comm.mpi import default_comm
 from ..functional import backward, forward
+from ..kernels import BACKENDS, ENV_VAR
 from ..layouts import DATA_FORMATS, get_layout
+from ._common import Progress
 
-__all__ = ["add_arguments", "main", "parse_case"]
+__all__ = ["add_arguments", "main", "missing_columns", "parse_case"]
 
 DEFAULT_CASES = ("NCHW:32x64x56x56", "NCHW:256x256x14x14", "NC:64x1024")
-RESULT_KEYS = ("data_format", "shape", "dtype", "world_size", "local_shape", "forward_ms",
+RESULT_KEYS = ("data_format", "shape", "dtype", "world_size", "local_shape", "backend",
+               "calls_per_repetition", "forward_ms",
                "backward_ms", "step_ms", "collective_ms", "collectives", "bytes_per_pass",
                "peak_bytes", "copy_ms", "bound_ms", "ratio_to_bound", "torch_ms",
                "ratio_to_torch", "single_ms", "scaling")
@@ -85,13 +93,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="BLAS and torch threads (default 1)")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help=f"kernel backend (default: ${ENV_VAR}, else automatic)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     parser.add_argument("--no-single", action="store_true",
                         help="skip the single-process full-batch run")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress (a tqdm bar, else a line per tenth of the cases)")
 
 
 def _local_count(n: int, size: int, rank: int) -> int:
@@ -106,32 +117,67 @@ def _inputs(fmt, shape, dtype, seed):
     return x, dy, np.ones(c, dtype), np.zeros(c, dtype)
 
 
-def _step(x, dy, w, b, fmt, comm):
-    res = forward(x, w, b, data_format=fmt, comm=comm)
+_REPETITION_S = 0.02  # a repetition runs enough steps to last about this long
+
+
+def _step(x, dy, w, b, fmt, comm, backend):
+    """One forward + backward; returns (time after forward, the kernel backend's name)."""
+    res = forward(x, w, b, data_format=fmt, comm=comm, backend=backend)
     t1 = time.perf_counter()
     backward(dy, res.saved)
-    return t1
+    return t1, res.saved.kernels.NAME
 
 
-def _time_ours(x, dy, w, b, fmt, comm, counting, args):
-    """Per-repetition (forward, backward) seconds, slowest rank; plus collective stats."""
+def _time_interleaved(x, dy, w, b, fmt, comm, counting, args):
+    """Per repetition: ours on every rank, then torch and the copy on rank 0.
+
+    Returns ``(times, calls, backend)``: ``times[i]`` = per-call seconds of
+    (forward, backward, collectives) on the slowest rank, then torch and copy
+    (0 where not timed), for repetition ``i``.
+    """
+    torch_step = None
+    if not args.no_torch and comm.rank == 0:
+        torch_step = _torch_step(x, dy, fmt, args.threads)
+    out = np.empty_like(x)
+
+    def copy():
+        np.copyto(out, x)
+
     for _ in range(args.warmup):
-        _step(x, dy, w, b, fmt, counting)
-    times = np.zeros((comm.size, args.repeat, 3))
+        _step(x, dy, w, b, fmt, counting, args.backend)
+    start = time.perf_counter()
+    backend = _step(x, dy, w, b, fmt, counting, args.backend)[1]
+    mine = np.zeros(comm.size)
+    mine[comm.rank] = time.perf_counter() - start
+    slowest = float(comm.allreduce_sum(mine, xp=np).max())  # every rank runs as many calls
+    calls = max(1, math.ceil(_REPETITION_S / max(slowest, 1e-9)))
+    times = np.zeros((comm.size, args.repeat, 5))
     for i in range(args.repeat):
         _barrier(comm)
         counting.tally = Tally()
-        t0 = time.perf_counter()
-        t1 = _step(x, dy, w, b, fmt, counting)
-        times[comm.rank, i] = (t1 - t0, time.perf_counter() - t1, counting.tally.seconds)
+        fwd = bwd = 0.0
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            t1 = _step(x, dy, w, b, fmt, counting, args.backend)[0]
+            t2 = time.perf_counter()
+            fwd, bwd = fwd + (t1 - t0), bwd + (t2 - t1)
+        times[comm.rank, i, :3] = (fwd, bwd, counting.tally.seconds)
+        if comm.rank == 0:
+            times[0, i, 3] = _seconds(torch_step, calls) if torch_step is not None else 0.0
+            times[0, i, 4] = _seconds(copy, calls)
     times = comm.allreduce_sum(times.reshape(-1), xp=np).reshape(times.shape).max(axis=0)
+    return times / calls, calls, backend
+
+
+def _collectives(x, dy, w, b, fmt, counting, backend):
+    """Collectives and bytes per pass of one step."""
     counting.tally = Tally()
-    res = forward(x, w, b, data_format=fmt, comm=counting)
+    res = forward(x, w, b, data_format=fmt, comm=counting, backend=backend)
     per_pass, nbytes = {"forward": counting.tally.calls}, {"forward": counting.tally.bytes}
     counting.tally = Tally()
     backward(dy, res.saved)
     per_pass["backward"], nbytes["backward"] = counting.tally.calls, counting.tally.bytes
-    return times, per_pass, nbytes
+    return per_pass, nbytes
 
 
 def _barrier(comm):
@@ -139,40 +185,37 @@ def _barrier(comm):
         comm.allreduce_sum(np.zeros(1, np.int64), xp=np)
 
 
+def _seconds(fn, calls) -> float:
+    """Wall time of ``calls`` calls of ``fn``."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return time.perf_counter() - start
+
+
 def _median_ms(fn, repeat, warmup=1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return float(np.median([_seconds(fn, 1) for _ in range(repeat)])) * 1e3
 
 
-def _copy_ms(x, repeat) -> float:
-    """Median time of ``np.copyto`` of ``x`` into an existing array."""
-    out = np.empty_like(x)
-    return _median_ms(lambda: np.copyto(out, x), repeat)
-
-
-def _peak_bytes(x, dy, w, b, fmt) -> int:
+def _peak_bytes(x, dy, w, b, fmt, backend) -> int:
     """tracemalloc peak of one single-process step, beyond its inputs."""
     tracemalloc.start()
     try:
-        _step(x, dy, w, b, fmt, None)
+        _step(x, dy, w, b, fmt, None, backend)
         return int(tracemalloc.get_traced_memory()[1])
     finally:
         tracemalloc.stop()
 
 
-def _torch_ms(x, dy, fmt, args):
-    """torch CPU batch_norm forward + autograd backward, or None without torch."""
+def _torch_step(x, dy, fmt, threads):
+    """torch CPU batch_norm forward + autograd backward as a callable, or None without torch."""
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     axis = get_layout(fmt).channel_axis
     order = (0, axis, *[i for i in range(1, x.ndim) if i != axis])
     xt = torch.from_numpy(x).permute(order).requires_grad_(True)  # channels_last stays strided
@@ -186,7 +229,7 @@ def _torch_ms(x, dy, fmt, args):
         y.backward(dyt)
         xt.grad = wt.grad = bt.grad = None
 
-    return _median_ms(step, args.repeat, args.warmup)
+    return step
 
 
 def _blas_limit(threads):
@@ -203,28 +246,29 @@ def run_case(fmt, shape, dtype, comm, args) -> dict:
     local_shape = (n_local, *shape[1:])
     x, dy, w, b = _inputs(fmt, local_shape, dtype, seed=comm.rank)
     counting = CountingComm(comm)
-    times, per_pass, nbytes = _time_ours(x, dy, w, b, fmt, comm, counting, args)
-    fwd, bwd, coll = (float(np.median(times[:, k])) * 1e3 for k in range(3))
-    step = float(np.median(times[:, 0] + times[:, 1])) * 1e3
-    copy_ms = _copy_ms(x, args.repeat)
+    times, calls, backend = _time_interleaved(x, dy, w, b, fmt, comm, counting, args)
+    per_pass, nbytes = _collectives(x, dy, w, b, fmt, counting, args.backend)
+    fwd, bwd, coll, _, copy = (float(np.median(times[:, k])) * 1e3 for k in range(5))
+    steps = times[:, 0] + times[:, 1]
+    step = float(np.median(steps)) * 1e3
     result = {"data_format": fmt, "shape": list(shape), "dtype": dtype,
-              "world_size": comm.size, "local_shape": list(local_shape),
-              "forward_ms": fwd, "backward_ms": bwd, "step_ms": step, "collective_ms": coll,
-              "collectives": per_pass, "bytes_per_pass": nbytes,
-              "peak_bytes": _peak_bytes(x, dy, w, b, fmt), "copy_ms": copy_ms,
-              "bound_ms": 3 * copy_ms, "ratio_to_bound": step / (3 * copy_ms),
+              "world_size": comm.size, "local_shape": list(local_shape), "backend": backend,
+              "calls_per_repetition": calls, "forward_ms": fwd, "backward_ms": bwd,
+              "step_ms": step, "collective_ms": coll, "collectives": per_pass,
+              "bytes_per_pass": nbytes, "peak_bytes": _peak_bytes(x, dy, w, b, fmt, args.backend),
+              "copy_ms": copy, "bound_ms": 3 * copy,
+              "ratio_to_bound": float(np.median(steps / (3 * times[:, 4]))),
               "torch_ms": None, "ratio_to_torch": None, "single_ms": None, "scaling": None}
-    if not args.no_torch and comm.rank == 0:
-        result["torch_ms"] = _torch_ms(x, dy, fmt, args)
-        if result["torch_ms"] is not None:
-            result["ratio_to_torch"] = step / result["torch_ms"]
+    if times[:, 3].all():
+        result["torch_ms"] = float(np.median(times[:, 3])) * 1e3
+        result["ratio_to_torch"] = float(np.median(steps / times[:, 3]))
     del x, dy
     if comm.size > 1 and not args.no_single:
         _barrier(comm)
         if comm.rank == 0:
             xs, dys, ws, bs = _inputs(fmt, shape, dtype, seed=0)
-            result["single_ms"] = _median_ms(lambda: _step(xs, dys, ws, bs, fmt, None),
-                                             args.repeat, args.warmup)
+            result["single_ms"] = _median_ms(
+                lambda: _step(xs, dys, ws, bs, fmt, None, args.backend), args.repeat, args.warmup)
             result["scaling"] = step / result["single_ms"]
         _barrier(comm)
     return result
@@ -234,7 +278,7 @@ def markdown_table(results) -> str:
     """The results as a markdown table."""
     head = ("| format | shape | dtype | ranks | step ms | fwd ms | bwd ms | torch ms | ratio "
             "| bound ms | ratio to bound | 1-process ms | scaling | data/agree per pass "
-            "| bytes/pass | peak MiB |")
+            "| bytes/pass | peak MiB | backend |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(v, spec=".2f"):
@@ -248,7 +292,8 @@ def markdown_table(results) -> str:
             f"| {f(r['backward_ms'])} | {f(r['torch_ms'])} | {f(r['ratio_to_torch'])} "
             f"| {f(r['bound_ms'])} | {f(r['ratio_to_bound'])} | {f(r['single_ms'])} "
             f"| {f(r['scaling'])} | {fw['data']}/{fw['agree']} "
-            f"| {r['bytes_per_pass']['forward']['data']} | {r['peak_bytes'] / 2**20:.1f} |")
+            f"| {r['bytes_per_pass']['forward']['data']} | {r['peak_bytes'] / 2**20:.1f} "
+            f"| {r['backend']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -279,17 +324,6 @@ def plot(results, path) -> None:
     plt.close(fig)
 
 
-def _progress(total, rank, disable):
-    """A tqdm bar on rank 0 when tqdm is installed; else a no-op."""
-    if rank != 0 or disable:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="bench", unit="case", file=sys.stderr)
-
-
 def main(args) -> int:
     """Run the benchmark; write JSON / markdown / PNG on rank 0. Returns 0."""
     comm = default_comm()
@@ -298,18 +332,15 @@ def main(args) -> int:
     for name in ("repeat", "warmup", "threads"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             msg = f"--{name} is {getattr(args, name)}; expected a positive integer"
-            raise SystemExit(msg)
+            raise ValueError(msg)
     limit, limited = _blas_limit(args.threads)
-    bar = _progress(len(cases) * len(dtypes), comm.rank, args.no_progress)
     results = []
-    with limit:
+    with limit, Progress(len(cases) * len(dtypes), "bench", "case",
+                         enabled=comm.rank == 0 and not args.no_progress) as bar:
         for fmt, shape in cases:
             for dtype in dtypes:
                 results.append(run_case(fmt, shape, dtype, comm, args))
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
+                bar.update()
     if comm.rank != 0:
         return 0
     meta = {"command": " ".join(sys.argv), "world_size": comm.size,
@@ -324,7 +355,30 @@ def main(args) -> int:
     if args.plot:
         plot(results, args.plot)
     print(table, end="")
+    for note in missing_columns(args, comm.size, meta["torch"]):
+        print(note)
     return 0
+
+
+def missing_columns(args, world_size, torch_version) -> list[str]:
+    """One line per baseline column the table leaves "n/a", saying why.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> missing_columns(argparse.Namespace(no_torch=True, no_single=False), 1, None)
+    ['n/a torch ms, ratio: --no-torch', 'n/a 1-process ms, scaling: one rank (the 1-process run is the run itself)']
+    """
+    notes = []
+    if args.no_torch:
+        notes.append("n/a torch ms, ratio: --no-torch")
+    elif torch_version is None:
+        notes.append("n/a torch ms, ratio: torch is not installed (pip install torch)")
+    if args.no_single:
+        notes.append("n/a 1-process ms, scaling: --no-single")
+    elif world_size == 1:
+        notes.append("n/a 1-process ms, scaling: one rank (the 1-process run is the run itself)")
+    return notes
 
 
 def _torch_version(args):

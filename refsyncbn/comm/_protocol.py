@@ -25,10 +25,21 @@ class Communicator(Protocol):
     channel on its own and combine the ranks in rank order, so that the result
     is the same bytes whichever rank computes which channels and however the
     channels are sliced; every rank receives the whole ``(k_out, C)`` result.
+
+    ``allreduce_min`` returns the element-wise minimum over all ranks of a
+    1-D int64 host buffer: the agreement (``comm.agreement``) sends
+    ``[record, -record]`` through it. ``what`` names the call (e.g.
+    ``"backward call #3"``) for timeout messages.
+
+    Communicators with a deadline (``MPIComm``, ``SimulatedWorld``) raise
+    :class:`~refsyncbn.comm.CollectiveTimeout` from any collective that does
+    not complete in time.
     """
 
     rank: int
     size: int
+
+    def allreduce_min(self, buf, /, *, what): ...
 
     def allreduce_sum(self, buf, /, *, xp): ...
 

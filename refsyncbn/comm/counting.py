@@ -16,7 +16,10 @@ def _by_kind() -> dict:
 
 @dataclass
 class Tally:
-    """Collectives by kind: ``"agree"`` (int64 agreement tables), ``"data"`` (statistics)."""
+    """Collectives by kind: ``"agree"`` (int64 agreement records), ``"data"`` (statistics).
+
+    ``bytes`` counts each rank's contribution (its record or buffer).
+    """
 
     calls: dict = field(default_factory=_by_kind)
     bytes: dict = field(default_factory=_by_kind)
@@ -24,7 +27,7 @@ class Tally:
 
 
 class CountingComm:
-    """Wraps a Communicator and tallies its ``allreduce_sum`` and ``combine`` calls in ``self.tally``.
+    """Wraps a Communicator and tallies its collectives in ``self.tally``.
 
     Communicators made by :meth:`split` share their parent's tally.
 
@@ -37,8 +40,10 @@ class CountingComm:
     ...     counting = CountingComm(comm)
     ...     forward(np.ones((2, 3)), data_format="NC", comm=counting)
     ...     return counting.tally.calls, counting.tally.bytes
-    >>> SimulatedWorld(2).run(step)[0]   # data: rows n, c, sum, sumsq of 3 channels, float64
-    ({'agree': 1, 'data': 1}, {'agree': 96, 'data': 96})
+    >>> SimulatedWorld(2).run(step)[0]   # data: rows n, mean, M2, e of 3 channels, float64
+    ({'agree': 1, 'data': 1}, {'agree': 320, 'data': 96})
+
+    The agreement sends ``[record, -record]``: 2 x 20 int64.
     """
 
     def __init__(self, comm, tally: Tally | None = None):
@@ -46,23 +51,26 @@ class CountingComm:
         self.rank, self.size = comm.rank, comm.size
         self.tally = Tally() if tally is None else tally
 
+    def allreduce_min(self, buf, /, *, what):
+        return self._timed("agree", buf.nbytes, lambda: self._comm.allreduce_min(buf, what=what))
+
     def allreduce_sum(self, buf, /, *, xp):
         if isinstance(buf, np.ndarray) and buf.dtype.kind in "iu":
             kind, nbytes = "agree", buf.nbytes
         else:
             kind, nbytes = "data", int(buf.size) * (xp.finfo(buf.dtype).bits // 8)
+        return self._timed(kind, nbytes, lambda: self._comm.allreduce_sum(buf, xp=xp))
+
+    def combine(self, record, fn, /, *, xp):
+        return self._timed("data", int(record.size) * 8,
+                           lambda: self._comm.combine(record, fn, xp=xp))
+
+    def _timed(self, kind, nbytes, call):
+        """Count one collective of ``kind`` and ``nbytes``; time ``call()``."""
         self.tally.calls[kind] += 1
         self.tally.bytes[kind] += nbytes
         start = time.perf_counter()
-        out = self._comm.allreduce_sum(buf, xp=xp)
-        self.tally.seconds += time.perf_counter() - start
-        return out
-
-    def combine(self, record, fn, /, *, xp):
-        self.tally.calls["data"] += 1
-        self.tally.bytes["data"] += int(record.size) * 8
-        start = time.perf_counter()
-        out = self._comm.combine(record, fn, xp=xp)
+        out = call()
         self.tally.seconds += time.perf_counter() - start
         return out
 

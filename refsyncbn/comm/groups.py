@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+
+from .agreement import agree
 
 __all__ = ["group_comm", "validate_process_groups"]
 
@@ -62,17 +65,52 @@ def validate_process_groups(process_groups, world_size: int) -> list[list[int]]:
 def group_comm(comm, process_groups):
     """Sub-communicator of ``comm`` holding this rank's group.
 
-    Collective over ``comm``: every rank must call it, including ranks in no
-    group, which take part in the split and then raise ``ValueError`` naming
-    themselves. With ``process_groups=None`` the result is ``comm`` itself.
+    Collective over ``comm``: every rank must call it with the same spec.
+    Before ``split`` the ranks agree (one tiny collective, ``comm.agreement``)
+    on a digest of the normalized spec and on each rank's validation outcome,
+    so a spec that differs between ranks, an invalid spec or a rank in no
+    group raises ``ValueError`` on every rank (``TypeError`` on a rank whose
+    own spec has the wrong types) instead of splitting into groups the ranks
+    disagree about. With ``process_groups=None`` the result is ``comm``
+    itself (after the same agreement: a rank passing ``None`` while the others
+    pass groups is caught too).
+
+    Examples
+    --------
+    >>> from refsyncbn.comm import SimulatedWorld
+    >>> def sizes(comm):
+    ...     return group_comm(comm, [[0], [1, 2]]).size
+    >>> SimulatedWorld(3).run(sizes)
+    [1, 2, 2]
     """
-    if process_groups is None:
+    groups, color, error = None, None, None
+    if process_groups is not None:
+        try:
+            groups = validate_process_groups(process_groups, comm.size)
+        except (TypeError, ValueError) as exc:
+            error = exc
+    if groups is not None:
+        color = next((g for g, group in enumerate(groups) if comm.rank in group), None)
+        if color is None:
+            msg = (f"rank {comm.rank} is in no group of process_groups={groups}; every rank "
+                   f"that runs SyncBatchNorm must belong to exactly one group")
+            error = ValueError(msg)
+    own = _digest(groups)
+
+    def describe(field, code):
+        if code == own:
+            return f"process_groups={groups}"
+        return f"another process_groups (digest {code:#x})"
+
+    agree(comm, "group_comm", error, {"process_groups": own}, describe)
+    if groups is None:
         return comm
-    groups = validate_process_groups(process_groups, comm.size)
-    color = next((g for g, group in enumerate(groups) if comm.rank in group), None)
-    sub = comm.split(color, comm.rank)
-    if color is None:
-        msg = (f"rank {comm.rank} is in no group of process_groups={groups}; every rank "
-               f"that runs SyncBatchNorm must belong to exactly one group")
-        raise ValueError(msg)
-    return sub
+    return comm.split(color, comm.rank)
+
+
+def _digest(groups) -> int:
+    """A 62-bit digest of a normalized spec (0 for ``None``)."""
+    if groups is None:
+        return 0
+    return int.from_bytes(hashlib.blake2b(repr(groups).encode(), digest_size=8).digest(),
+                          "big") >> 2 or 1

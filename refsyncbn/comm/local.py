@@ -18,6 +18,9 @@ class LocalComm:
     rank = 0
     size = 1
 
+    def allreduce_min(self, buf, /, *, what):
+        return buf
+
     def allreduce_sum(self, buf, /, *, xp):
         return buf
 

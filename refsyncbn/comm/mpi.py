@@ -16,21 +16,27 @@ float64: identical bytes on every rank in 600 of 600 trials), but at 4 ranks it
 sums ``(x0 + x1) + (x2 + x3)``, so its result already depends on the world
 layout, and Intel MPI (without ``I_MPI_CBWR``) or hierarchical collectives may
 hand different ranks different last bits. A reference implementation cannot
-rest on that, so floating-point sums are done in a FIXED ORDER:
+rest on that, so floating-point combinations are done in a FIXED ORDER:
 
-* float buffers: one ``Allgather`` of every rank's buffer, then
-  ``((b0 + b1) + b2) + ...`` in rank order on every rank — the same bytes on
-  every rank whatever the MPI library, and the same bytes as
-  :class:`~refsyncbn.comm.SimulatedWorld`;
-* integer buffers (the error-agreement table): one in-place ``Allreduce``;
-  integer sums are exact in any order.
+* ``combine`` (the functional core's data path): owner-computes on 3 or more
+  ranks for records of 1 MiB or more gathered (``_plan``): an ``Ialltoall`` hands owner ``j`` its
+  block of channels from every rank, owner ``j`` applies the rank-ordered
+  per-channel function, an ``Iallgather`` shares the parts. Each rank receives
+  about ``(k + k_out) * C`` float64 whatever ``P`` (the all-gather receives
+  ``P * k * C``). Smaller records: one ``Iallgather`` and the function on the
+  whole stack on every rank. Both give the same bytes on every rank, and the
+  same bytes as :class:`~refsyncbn.comm.SimulatedWorld`, which uses the same
+  blocks and owners;
+* float ``allreduce_sum`` (tests, checker, generic users): an ``Iallgather``
+  and ``((b0 + b1) + b2) + ...`` in rank order on every rank;
+* integer buffers (agreement, error tables): one ``Iallreduce``; integer sums
+  and minima are exact in any order.
 
-Either way it is ONE buffer-based collective per call. Cost, measured with
-MPICH 5.0 on 2 shared cores (packed buffer of 2 + 2C float64): 2 ranks,
-C = 16: 12.3 us vs 9.3 us for ``Allreduce``; C = 4096: 61 vs 49 us; 4 ranks
-(oversubscribed), C = 256: 85 vs 50 us. The gathered buffer grows with the
-number of ranks (``size * (2 + 2C) * 8`` bytes), which is small at the group
-sizes a reference runs at.
+Every collective is nonblocking and completed under the communicator's
+deadline (``timeout=``, ``REFSYNCBN_TIMEOUT``, default 600 s; see
+``_watchdog``): a rank that never arrives makes the others raise
+:class:`~refsyncbn.comm.CollectiveTimeout` instead of hanging. Measured costs:
+docs/protocol.md.
 
 Device buffers
 --------------
@@ -56,9 +62,14 @@ import warnings
 import numpy as np
 
 from .._xp import device_of, is_cupy_array, to_numpy
+from ._plan import block_width, pack, unpack
+from ._watchdog import CollectiveTimeout, resolve_timeout, wait
 
-__all__ = ["CUDA_AWARE_ENV", "HostStagingWarning", "MPIComm", "default_comm",
-           "launched_by_mpiexec"]
+__all__ = ["CUDA_AWARE_ENV", "DEFAULT_TIMEOUT_S", "HostStagingWarning", "MPIComm",
+           "default_comm", "launched_by_mpiexec"]
+
+DEFAULT_TIMEOUT_S = 600.0
+"""Deadline of an MPI collective when neither ``timeout=`` nor ``$REFSYNCBN_TIMEOUT`` is set."""
 
 CUDA_AWARE_ENV = "REFSYNCBN_CUDA_AWARE_MPI"
 _INT_DTYPES = ("int32", "int64")
@@ -100,26 +111,40 @@ class MPIComm:
     Parameters
     ----------
     comm : mpi4py.MPI.Intracomm, optional
-        The communicator to use. It is cloned once (``Dup``) so that library
+        The communicator to use. It is cloned once (``Idup``) so that library
         traffic never mixes with the caller's; default: a clone of
         ``COMM_WORLD``.
+    timeout : float, optional
+        Deadline of every collective in seconds (``math.inf``: none); default
+        ``$REFSYNCBN_TIMEOUT``, else ``DEFAULT_TIMEOUT_S`` (600 s).
 
     Notes
     -----
-    ``allreduce_sum`` is one buffer-based collective per call: an ``Allgather``
-    followed by a rank-ordered sum for float32/float64 buffers (bitwise the
-    same on every rank), an in-place ``Allreduce`` for int32/int64 buffers.
-    See the module docstring for device buffers and the measured cost.
+    Every collective is nonblocking MPI completed by a test loop with backoff
+    (``_watchdog.wait``); past the deadline it raises
+    :class:`~refsyncbn.comm.CollectiveTimeout` and the communicator is unusable.
+    ``allreduce_min`` (the agreement) and integer ``allreduce_sum`` are one
+    ``Iallreduce``; float ``allreduce_sum`` is an ``Iallgather`` and a
+    rank-ordered sum; ``combine`` is owner-computes (``Ialltoall`` +
+    ``Iallgather``, see ``_plan``) or, for small records, one ``Iallgather``.
+    See the module docstring for device buffers.
     """
 
-    def __init__(self, comm=None, *, _owned=None):
+    def __init__(self, comm=None, *, timeout=None, _owned=None, _name=None):
         from mpi4py import MPI
 
         self._mpi = MPI
+        self.timeout = resolve_timeout(timeout, DEFAULT_TIMEOUT_S, "MPIComm")
+        self._broken = None
+        self._last = "no agreement yet"
         if _owned is not None:
-            self._comm = _owned
+            self._comm, self.name = _owned, _name
         else:
-            self._comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
+            parent = MPI.COMM_WORLD if comm is None else comm
+            self.name = f"a clone of {parent.Get_name() or 'the caller communicator'}"
+            self.rank, self.size = parent.Get_rank(), parent.Get_size()
+            self._comm, request = parent.Idup()
+            self._wait(request, "MPIComm() (duplicating the communicator)")
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         self._cuda_aware = None
@@ -148,6 +173,17 @@ class MPIComm:
                 raise ValueError(msg)
         return self._cuda_aware
 
+    def allreduce_min(self, buf, /, *, what):
+        """Element-wise minimum of the 1-D int64 host ``buf`` over all ranks (the agreement).
+
+        ``what`` names the call in a timeout message and in later ones.
+        """
+        out = np.array(buf, dtype=np.int64)
+        self._last = what
+        request = self._comm.Iallreduce(self._mpi.IN_PLACE, out, op=self._mpi.MIN)
+        self._wait(request, f"{what} (agreement)")
+        return out
+
     def allreduce_sum(self, buf, /, *, xp):
         """Element-wise sum of the 1-D ``buf`` over all ranks, the same bytes on every rank.
 
@@ -173,52 +209,92 @@ class MPIComm:
     def combine(self, record, fn, /, *, xp):
         """``fn`` over every rank's ``(k, C)`` record, the same bytes on every rank.
 
-        One ``Allgather`` of the records; every rank applies ``fn`` to the
-        stack in rank order. Device records take the path ``allreduce_sum``
+        Owner-computes when the records are large (``_plan.block_width``):
+        ``Ialltoall`` sends owner ``j`` its block of channels of every rank's
+        record, owner ``j`` applies ``fn`` to them in rank order, ``Iallgather``
+        shares the parts; about ``(k + k_out) * C`` float64 per rank whatever
+        the number of ranks. Small records: one ``Iallgather`` of the records
+        and ``fn`` on every rank. Device records move as ``allreduce_sum``
         describes (direct when MPI is CUDA-aware, else staged through host memory).
         """
         k, c = record.shape
-        device = not isinstance(record, np.ndarray) and hasattr(record, "__cuda_array_interface__")
-        if device and self.cuda_aware:
+        what = f"data collective after {self._last}"
+        dev = device_of(record)
+        on_device = not isinstance(record, np.ndarray) and hasattr(record,
+                                                                   "__cuda_array_interface__")
+        direct = on_device and self.cuda_aware
+        if direct:
             if is_cupy_array(record):
                 sys.modules["cupy"].cuda.get_current_stream().synchronize()
-            gathered = xp.empty((self.size, k * c), dtype=record.dtype, device=device_of(record))
-            self._comm.Allgather(xp.reshape(record, (-1,)), gathered)
-            return fn(xp.reshape(gathered, (self.size, k, c)), xp=xp)
-        if device and os.environ.get(CUDA_AWARE_ENV) is None:
-            _warn_staging()
-        host = np.ascontiguousarray(to_numpy(record), dtype=np.float64).reshape(-1)
-        gathered = np.empty((self.size, k * c))
-        self._comm.Allgather(host, gathered)
-        return fn(xp.asarray(gathered.reshape(self.size, k, c), device=device_of(record)), xp=xp)
+            bxp, buf = xp, record
+        else:
+            if on_device and os.environ.get(CUDA_AWARE_ENV) is None:
+                _warn_staging()
+            bxp, buf = np, np.ascontiguousarray(to_numpy(record), dtype=np.float64)
+
+        def to_xp(a):
+            return a if direct or xp is np else xp.asarray(a, device=dev)
+
+        b = block_width(self.size, k, c)
+        if b is None:
+            gathered = bxp.empty((self.size, k, c), dtype=buf.dtype, device=device_of(buf))
+            self._wait(self._comm.Iallgather(buf, gathered), what)
+            return fn(to_xp(gathered), xp=xp)
+        send = pack(buf, self.size, b, xp=bxp)
+        blocks = bxp.empty((self.size, k, b), dtype=buf.dtype, device=device_of(buf))
+        self._wait(self._comm.Ialltoall(send, blocks), what)
+        part = fn(to_xp(blocks), xp=xp)
+        part = part if direct else np.ascontiguousarray(to_numpy(part), dtype=np.float64)
+        parts = bxp.empty((self.size, *part.shape), dtype=part.dtype, device=device_of(part))
+        self._wait(self._comm.Iallgather(part, parts), what)
+        return to_xp(unpack(parts, c, xp=bxp))
 
     def _reduce(self, buf, *, xp):
         """The one collective on a buffer MPI can read (host, or device when CUDA-aware)."""
         dtype = _buffer_dtype(buf)
+        what = f"allreduce_sum after {self._last}"
         if dtype.name in _INT_DTYPES:
-            self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+            self._wait(self._comm.Iallreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM), what)
             return buf
         if dtype.name not in _FLOAT_DTYPES:
             msg = (f"MPIComm.allreduce_sum: buf has dtype {dtype.name}; expected one of "
                    f"{', '.join(_FLOAT_DTYPES + _INT_DTYPES)}")
             raise TypeError(msg)
         gathered = xp.empty((self.size, buf.shape[0]), dtype=buf.dtype, device=device_of(buf))
-        self._comm.Allgather(buf, gathered)
+        self._wait(self._comm.Iallgather(buf, gathered), what)
         total = gathered[0, ...]
         for r in range(1, self.size):
             total = total + gathered[r, ...]
         return total
 
     def split(self, color, key):
+        """``MPI_Comm_split`` after an ``Ibarrier`` under the deadline (Split itself blocks)."""
+        what = f"split after {self._last}"
+        self._wait(self._comm.Ibarrier(), what)
         mpi_color = self._mpi.UNDEFINED if color is None else int(color)
         sub = self._comm.Split(mpi_color, int(key))
         if sub == self._mpi.COMM_NULL:
             return None
-        return MPIComm(_owned=sub)
+        return MPIComm(timeout=self.timeout, _owned=sub, _name=f"{self.name}/split(color={color})")
 
     def free(self) -> None:
         """Release the underlying MPI communicator (collective; the object is unusable after)."""
         self._comm.Free()
+
+    def _wait(self, request, what: str) -> None:
+        """Complete ``request`` within the deadline, else raise CollectiveTimeout (and stay broken)."""
+        if self._broken is not None:
+            msg = f"{self._broken}; this communicator is unusable after a timeout"
+            raise CollectiveTimeout(msg)
+
+        def expired():
+            self._broken = (f"MPIComm: {what} did not complete within {self.timeout:g} s on "
+                            f"{self.name} (rank {self.rank} of {self.size}); some rank never "
+                            f"made this call or is in another collective (MPI cannot tell which "
+                            f"rank; REFSYNCBN_TIMEOUT or MPIComm(timeout=) sets the deadline)")
+            return self._broken
+
+        wait(request, self.timeout, expired)
 
     def __repr__(self):
         return f"<MPIComm rank {self.rank} of {self.size}>"

@@ -11,5 +11,6 @@ and ``xp=`` (the array namespace of the parameters; default NumPy).
 """
 
 from . import mindspore, paddle, torch
+from .paddle import sparse as _  # noqa: F401  (loads compat.paddle.sparse, the sparse layers)
 
 __all__ = ["mindspore", "paddle", "torch"]

@@ -178,7 +178,7 @@ def _initial_values(name, init, c):
         if tuple(init.shape) != (c,):
             msg = f"{name} has shape {tuple(init.shape)}; expected ({c},) for num_features={c}"
             raise ValueError(msg)
-        return np.asarray(init, dtype=np.float32)
+        return np.array(init, dtype=np.float32)  # a copy: the layer owns its arrays
     msg = (f"{name} is a {type(init).__name__}; expected a str, a number or an array of "
            f"shape ({c},)")
     raise TypeError(msg)

@@ -400,7 +400,7 @@ def write_probes(directory, expect="reference") -> list[Path]:
     return paths
 
 
-def reference_candidate(convention="reference", *, variance="sumsq"):
+def reference_candidate(convention="reference", *, variance="stable"):
     """The reference (:func:`refsyncbn.forward`/:func:`~refsyncbn.backward`) as a candidate.
 
     Parameters
@@ -408,8 +408,8 @@ def reference_candidate(convention="reference", *, variance="sumsq"):
     convention : Convention or str
         The convention it follows (any :class:`~refsyncbn.Convention`, e.g. a
         deliberately wrong one made with :func:`dataclasses.replace`).
-    variance : {"sumsq", "two_pass"}
-        The reference's variance algorithm.
+    variance : {"stable", "naive"}
+        The reference's variance algorithm (``forward``'s ``variance``).
 
     Examples
     --------
@@ -842,6 +842,10 @@ def main(args) -> int:
         return 0
     if args.cases_dir is None:
         return _error("give CANDIDATE_DIR and CASES_DIR, or --write-probes DIR")
+    for label, path, holds in (("CANDIDATE_DIR", args.candidate_dir, "<case>/rank{r}.npz"),
+                               ("CASES_DIR", args.cases_dir, "<case>.npz case files")):
+        if not path.is_dir():
+            return _error(f"{label} {path} is not a directory; expected a directory of {holds}")
     model = ErrorModel(args.accumulation, args.variance, args.summation)
     try:
         report = check(args.candidate_dir, args.cases_dir, model=model)

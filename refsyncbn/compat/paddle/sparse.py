@@ -42,9 +42,9 @@ True
 
 from __future__ import annotations
 
-from ..sparse import SparseCooTensor
-from .paddle import BatchNorm as _DenseBatchNorm
-from .paddle import SyncBatchNorm as _DenseSyncBatchNorm
+from ...sparse import SparseCooTensor
+from . import BatchNorm as _DenseBatchNorm
+from . import SyncBatchNorm as _DenseSyncBatchNorm
 
 __all__ = ["BatchNorm", "SparseCooTensor", "SyncBatchNorm"]
 

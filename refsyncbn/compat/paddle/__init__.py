@@ -21,18 +21,19 @@ python/paddle/sparse/nn/layer/norm.py and the phi ``sync_batch_norm`` kernels:
 * training uses batch statistics and updates the running ones; eval uses the
   running statistics and communicates nothing.
 
-The sparse layers are :mod:`refsyncbn.compat.paddle.sparse`
-(``paddle.sparse.nn.BatchNorm``/``SyncBatchNorm``).
+The sparse layers are the submodule :mod:`refsyncbn.compat.paddle.sparse`
+(``paddle.sparse.nn.BatchNorm``/``SyncBatchNorm``): it builds on the dense
+layers here, which never import it.
 """
 
 from __future__ import annotations
 
-from ..comm.local import LocalComm
-from ..comm.mpi import default_comm
-from ..conventions import PADDLE
-from ..layer import _BatchNormBase, replace_layers
+from ...comm.local import LocalComm
+from ...comm.mpi import default_comm
+from ...conventions import PADDLE
+from ...layer import _BatchNormBase, replace_layers
 
-__all__ = ["BatchNorm", "SyncBatchNorm", "sparse"]
+__all__ = ["BatchNorm", "SyncBatchNorm"]
 
 _CHANNEL_FIRST = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
 _CHANNEL_LAST = {2: "NC", 3: "NLC", 4: "NHWC", 5: "NDHWC"}
@@ -192,5 +193,3 @@ class SyncBatchNorm(_PaddleNorm):
 
 
 SyncBatchNorm._convertible = BatchNorm
-
-from . import paddle_sparse as sparse  # noqa: E402  (needs the classes above)

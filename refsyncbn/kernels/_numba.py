@@ -1,0 +1,360 @@
+"""Numba backend: fused loops over ``(A, C, B)`` views, float64 accumulation.
+
+Each kernel reads its inputs once from memory and writes its output once:
+
+* ``moments``: one read of ``x``; every cache-sized block (a row chunk
+  ``x3[a, c, lo:hi]``, or a few rows of the ``(A, C*B)`` matrix) gets its own
+  mean, then its M2 about that mean while it is in cache (two-pass, no
+  ``sum x^2 - (sum x)^2 / n`` cancellation); the blocks are combined per
+  channel about a pivot, the mean of its first block (:func:`_combine`);
+* ``normalize``: ``(x - mean) * scale + shift`` in float64, rounded once;
+* ``grad_sums``: ``sum dy`` and ``sum dy * (x - mean)`` in one read of both;
+* ``grad_input``: ``k_dy * dy - valid * (k_x * (x - mean) + k_0)``, rounded once.
+
+Two loop orders cover the layouts: rows of ``B`` elements when ``B`` is long
+(NCHW, NCDHW: the contiguous axis is ``B``), else the ``(A, C*B)`` matrix
+column by column (NHWC, NC, short NCL: the contiguous axis is ``C*B``), whose
+``C*B`` column results are folded into channels at the end. Any strides work;
+C-contiguous views run vectorized. Only NumPy float32 and float64 arrays come
+here (:func:`supports`); the interface is described in :mod:`refsyncbn.kernels`.
+
+Compiled lazily on first use and cached on disk (``cache=True``: in
+``__pycache__`` next to this file, or numba's user cache directory when that is
+not writable; ``NUMBA_CACHE_DIR`` overrides both). Reductions may reassociate
+and contract (fused multiply-add) to vectorize, but never assume finite values,
+so NaN and Inf propagate as in the NumPy backend.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "supports"]
+
+NAME = "numba"
+
+_ROW_MIN = 32  # B from which kernels run along rows of B elements
+_BLOCK = 1 << 12  # elements per in-cache block of the two-pass moments
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_jit = numba.njit(cache=True, nogil=True)
+_jit_sum = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+
+
+def supports(x) -> bool:
+    """True for NumPy float32/float64 arrays (what these loops take)."""
+    return isinstance(x, np.ndarray) and x.dtype in _DTYPES
+
+
+def count(x3, mask3, *, xp) -> int:
+    """Elements per channel: ``A * B``, or the number of valid mask positions."""
+    if mask3 is None:
+        return int(x3.shape[0] * x3.shape[2])
+    return int(np.count_nonzero(mask3))
+
+
+def moments(x3, mask3, *, xp):
+    """Local ``(mean, M2)`` per channel (float64; zeros for a channel without elements)."""
+    _, c, b = x3.shape
+    if b >= _ROW_MIN:
+        return _moments_rows(x3, _rows_mask(mask3), _BLOCK)
+    x2, m2 = _matrix(x3), _matrix_mask(mask3, x3.shape)
+    return _moments_cols(x2, m2, max(1, _BLOCK // max(c * b, 1)), b)
+
+
+def normalize(x3, mean, scale, shift, *, xp, dtype):
+    """``(x - mean) * scale + shift`` in float64, rounded once to ``dtype``; ``(A, C, B)``."""
+    out = np.empty(x3.shape, dtype=dtype)
+    b = x3.shape[2]
+    if b >= _ROW_MIN:
+        _normalize_rows(x3, mean, scale, shift, out)
+    else:
+        _normalize_cols(_matrix(x3), mean, scale, shift, b, _matrix(out))
+    return out
+
+
+def grad_sums(dy3, x3, mean, invstd, *, xp):
+    """``(sum dy, sum dy * (x - mean) * invstd)`` per channel over all positions (float64)."""
+    b = x3.shape[2]
+    if b >= _ROW_MIN:
+        sa, sb = _grad_sums_rows(dy3, x3, mean)
+    else:
+        sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), mean, b)
+    return sa, sb * invstd
+
+
+def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
+    """``k_dy * dy - valid * (k_x * (x - mean) + k_0)`` per channel, rounded once to ``dtype``."""
+    out = np.empty(x3.shape, dtype=dtype)
+    b = x3.shape[2]
+    if b >= _ROW_MIN:
+        _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, _rows_mask(mask3), out)
+    else:
+        _grad_input_cols(_matrix(dy3), _matrix(x3), mean, k_dy, k_x, k_0, b,
+                         _matrix_mask(mask3, x3.shape), _matrix(out))
+    return out
+
+
+def _matrix(v3):
+    """``(A, C, B)`` as ``(A, C*B)`` (a view when the strides allow, else a copy)."""
+    a, c, b = v3.shape
+    return v3.reshape(a, c * b)
+
+
+def _rows_mask(mask3):
+    """The mask as a fresh C-contiguous bool array: one compiled variant for every mask."""
+    return None if mask3 is None else np.array(mask3, dtype=np.bool_, order="C")
+
+
+def _matrix_mask(mask3, shape):
+    """``(A, 1, B)`` mask expanded to an ``(A, C*B)`` matrix (C-contiguous, like :func:`_rows_mask`)."""
+    if mask3 is None:
+        return None
+    return np.array(_matrix(np.broadcast_to(mask3, shape)), dtype=np.bool_, order="C")
+
+
+# --- compiled loops ----------------------------------------------------------------------
+
+
+@_jit
+def _combine(st, i, k, mu, q, r):
+    """Add a block of ``k`` elements to entry ``i`` of ``st``.
+
+    ``mu`` is the block's rounded mean, ``q = sum (x - mu)^2`` and
+    ``r = sum (x - mu)`` (the rounding of ``mu``, exact enough because
+    ``x - mu`` cancels exactly): the block's mean is ``mu + r / k`` and its M2
+    ``q - r^2 / k`` (the corrected two-pass algorithm; without ``r`` the mean's
+    rounding enters the M2 to first order, 2e-10 relative at ``|mean| / std = 1e8``).
+
+    ``st`` rows: count ``n``, pivot ``K`` (the first block's mean), ``T = sum k (mu - K)``,
+    ``P = sum k (mu - K)^2``, ``Q = sum M2`` and ``S = sum k mu`` (the plain sum, the
+    mean where it is not finite, as in the NumPy backend). Unlike Chan's running-mean update,
+    whose rounded intermediate means also enter to first order, the block means
+    are only differenced with one fixed pivot; :func:`_finish` forms
+    ``M2 = Q + P - T^2 / n``, whose cancellation is bounded by the number of
+    blocks (``K`` is one block's mean).
+    """
+    if st[0, i] == 0:
+        st[1, i] = mu
+    d = (mu - st[1, i]) + r / k
+    st[0, i] += k
+    st[2, i] += k * d
+    st[3, i] += k * d * d
+    st[4, i] += q - r * r / k
+    st[5, i] += k * mu
+
+
+@_jit
+def _finish(st):
+    """``(mean, M2)`` of every entry of ``st`` (zeros for an entry without elements)."""
+    size = st.shape[1]
+    mean, m2 = np.zeros(size), np.zeros(size)
+    for i in range(size):
+        n = st[0, i]
+        if n > 0:
+            t = st[2, i]
+            between = st[3, i] - t * t / n
+            if between < 0:  # rounding; a NaN stays
+                between = 0.0
+            mean[i] = st[1, i] + t / n
+            if not np.isfinite(st[5, i]):  # Inf/NaN in the data: the plain mean
+                mean[i] = st[5, i] / n
+            m2[i] = st[4, i] + between
+    return mean, m2
+
+
+@_jit_sum
+def _moments_rows(x, mask, block):
+    """Two-pass moments of each in-cache chunk of each row, Chan-combined per channel."""
+    na, nc, nb = x.shape
+    st = np.zeros((6, nc))
+    for a in range(na):
+        for c in range(nc):
+            for lo in range(0, nb, block):
+                if mask is None:
+                    k, mu, q, r = _segment(x[a, c, lo:lo + block])
+                else:
+                    k, mu, q, r = _segment_masked(x[a, c, lo:lo + block],
+                                                  mask[a, 0, lo:lo + block])
+                if k > 0:
+                    _combine(st, c, k, mu, q, r)
+    return _finish(st)
+
+
+@_jit_sum
+def _segment(v):
+    """``(count, mean, sum (v - mean)^2, sum (v - mean))`` of a 1-D chunk (two passes).
+
+    (A loop over a 1-D slice vectorizes; the same loop inlined with chunk bounds did not.)
+    """
+    s = 0.0
+    for j in range(v.size):
+        s += v[j]
+    mu = s / v.size
+    q, r = 0.0, 0.0
+    for j in range(v.size):
+        d = v[j] - mu
+        q += d * d
+        r += d
+    return v.size, mu, q, r
+
+
+@_jit_sum
+def _segment_masked(v, valid):
+    """:func:`_segment` over the positions where ``valid`` is true (M2 0 when there are none)."""
+    s, k = 0.0, 0
+    for j in range(v.size):
+        if valid[j]:
+            s += v[j]
+            k += 1
+    mu = s / max(k, 1)
+    q, r = 0.0, 0.0
+    for j in range(v.size):
+        if valid[j]:
+            d = v[j] - mu
+            q += d * d
+            r += d
+    return k, mu, q, r
+
+
+@_jit_sum
+def _moments_cols(x, mask, rows, nb):
+    """Two-pass moments of blocks of ``rows`` rows per column; columns merged by channel."""
+    na, nk = x.shape
+    st = np.zeros((6, nk))
+    s, q, r, k = np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk)
+    for lo in range(0, na, rows):
+        hi = min(lo + rows, na)
+        s[:] = 0.0
+        q[:] = 0.0
+        r[:] = 0.0
+        if mask is None:
+            k[:] = hi - lo
+            for a in range(lo, hi):
+                for j in range(nk):
+                    s[j] += x[a, j]
+        else:
+            k[:] = 0.0
+            for a in range(lo, hi):
+                for j in range(nk):
+                    if mask[a, j]:
+                        s[j] += x[a, j]
+                        k[j] += 1.0
+        for j in range(nk):
+            s[j] = s[j] / k[j] if k[j] > 0 else 0.0
+        for a in range(lo, hi):
+            for j in range(nk):
+                if mask is None or mask[a, j]:
+                    d = x[a, j] - s[j]
+                    q[j] += d * d
+                    r[j] += d
+        for j in range(nk):
+            if k[j] > 0:
+                _combine(st, j, k[j], s[j], q[j], r[j])
+    if nb == 1:
+        return _finish(st)
+    channels = np.zeros((6, nk // nb))
+    for j in range(nk):
+        _merge(channels, j // nb, st, j)
+    return _finish(channels)
+
+
+@_jit
+def _merge(dst, i, src, j):
+    """Add entry ``j`` of the :func:`_combine` state ``src`` to entry ``i`` of ``dst``.
+
+    Re-pivots ``src``'s sums to ``dst``'s pivot instead of rounding its mean.
+    """
+    n = src[0, j]
+    if n == 0:
+        return
+    if dst[0, i] == 0:
+        dst[1, i] = src[1, j]
+    e = src[1, j] - dst[1, i]
+    t = src[2, j]
+    dst[0, i] += n
+    dst[2, i] += t + n * e
+    dst[3, i] += src[3, j] + 2.0 * e * t + n * e * e
+    dst[4, i] += src[4, j]
+    dst[5, i] += src[5, j]
+
+
+@_jit_sum
+def _grad_sums_rows(dy, x, mean):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` along rows."""
+    na, nc, nb = x.shape
+    sa, sb = np.zeros(nc), np.zeros(nc)
+    for a in range(na):
+        for c in range(nc):
+            m = mean[c]
+            ra, rb = 0.0, 0.0
+            for j in range(nb):
+                g = np.float64(dy[a, c, j])
+                ra += g
+                rb += g * (x[a, c, j] - m)
+            sa[c] += ra
+            sb[c] += rb
+    return sa, sb
+
+
+@_jit_sum
+def _grad_sums_cols(dy, x, mean, nb):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` down the columns of ``(A, C*B)``."""
+    na, nk = x.shape
+    m = np.repeat(mean, nb)  # per column (per-channel vectors are widened in here)
+    sa, sb = np.zeros(nk), np.zeros(nk)
+    for a in range(na):
+        for j in range(nk):
+            g = np.float64(dy[a, j])
+            sa[j] += g
+            sb[j] += g * (x[a, j] - m[j])
+    return sa.reshape(nk // nb, nb).sum(axis=1), sb.reshape(nk // nb, nb).sum(axis=1)
+
+
+@_jit
+def _normalize_rows(x, mean, scale, shift, out):
+    """``out = (x - mean) * scale + shift`` along rows, rounded once at the store."""
+    na, nc, nb = x.shape
+    for a in range(na):
+        for c in range(nc):
+            m, k, t = mean[c], scale[c], shift[c]
+            for j in range(nb):
+                out[a, c, j] = (x[a, c, j] - m) * k + t
+
+
+@_jit
+def _normalize_cols(x, mean, scale, shift, nb, out):
+    """``out = (x - mean) * scale + shift`` on ``(A, C*B)``, rounded once at the store."""
+    na, nk = x.shape
+    m, k, t = np.repeat(mean, nb), np.repeat(scale, nb), np.repeat(shift, nb)
+    for a in range(na):
+        for j in range(nk):
+            out[a, j] = (x[a, j] - m[j]) * k[j] + t[j]
+
+
+@_jit
+def _grad_input_rows(dy, x, mean, kdy, kx, k0, mask, out):
+    """``out = kdy * dy - valid * (kx * (x - mean) + k0)`` along rows, rounded once."""
+    na, nc, nb = x.shape
+    for a in range(na):
+        for c in range(nc):
+            m, g, h, z = mean[c], kdy[c], kx[c], k0[c]
+            for j in range(nb):
+                if mask is None or mask[a, 0, j]:
+                    out[a, c, j] = g * dy[a, c, j] - (h * (x[a, c, j] - m) + z)
+                else:
+                    out[a, c, j] = g * dy[a, c, j]
+
+
+@_jit
+def _grad_input_cols(dy, x, mean, kdy, kx, k0, nb, mask, out):
+    """``out = kdy * dy - valid * (kx * (x - mean) + k0)`` on ``(A, C*B)``, rounded once."""
+    na, nk = x.shape
+    m, g, h, z = np.repeat(mean, nb), np.repeat(kdy, nb), np.repeat(kx, nb), np.repeat(k0, nb)
+    for a in range(na):
+        for j in range(nk):
+            if mask is None or mask[a, j]:
+                out[a, j] = g[j] * dy[a, j] - (h[j] * (x[a, j] - m[j]) + z[j])
+            else:
+                out[a, j] = g[j] * dy[a, j]
