@@ -86,6 +86,7 @@ class TestConform:
     @pytest.fixture
     def fake(self, monkeypatch):
         monkeypatch.setattr(conform, "missing", lambda framework: None)
+        monkeypatch.setattr(torch_adapter, "label", lambda: torch_adapter.LABEL)  # no torch import
         return lambda convention: monkeypatch.setattr(conform, "run",
                                                       _reference_as_framework(convention))
 
