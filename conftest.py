@@ -18,6 +18,7 @@ def pytest_report_header(config):
 
     return [f"refsyncbn: numpy {numpy.__version__}, hypothesis profile {PROFILE!r}"]
 
-# The CuPy backend imports cupy at module level (it is only imported once CuPy
-# arrays arrive); without CuPy its doctests cannot even be collected.
-collect_ignore = [] if importlib.util.find_spec("cupy") else ["refsyncbn/kernels/_cupy.py"]
+# The CuPy and Numba backends import their package at module level (they are only
+# imported when chosen); without it their doctests cannot even be collected.
+collect_ignore = [f"refsyncbn/kernels/_{name}.py" for name in ("cupy", "numba")
+                  if importlib.util.find_spec(name) is None]

@@ -181,9 +181,10 @@ class TestCost:
         def body(comm):
             res = forward(X, comm=comm, **BASE)
             backward(np.ones_like(X), res.saved)
-        assert self._tally(1, body) == [{"agree": 0, "data": 2}]
+        # ... and, having nothing to combine, no data collective either
+        assert self._tally(1, body) == [{"agree": 0, "data": 0}]
         assert SimulatedWorld(1).run(lambda c: self._tally(1, body)) == [[{"agree": 0,
-                                                                             "data": 2}]]
+                                                                             "data": 0}]]
 
     def test_too_many_fields_is_a_programming_error(self):
         fields = {f"f{i}": 0 for i in range(MAX_FIELDS + 1)}

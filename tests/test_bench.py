@@ -32,13 +32,14 @@ def _check_results(results, world_size):
         assert set(bench.RESULT_KEYS) <= set(r), set(bench.RESULT_KEYS) - set(r)
         assert r["world_size"] == world_size
         c = _channels(case)
-        # one packed data collective per pass: [n, mean(C), M2(C), e(C)] and
-        # [sum dy(C), sum dy*xhat(C)] in float64; one int64 agreement when K > 1
-        agree = int(world_size > 1)
-        assert r["collectives"] == {"forward": {"data": 1, "agree": agree},
-                                    "backward": {"data": 1, "agree": agree}}
-        assert r["bytes_per_pass"]["forward"]["data"] == 4 * c * 8  # [n, mean, M2, e] per channel
-        assert r["bytes_per_pass"]["backward"]["data"] == 2 * c * 8
+        # K > 1: one packed data collective per pass, [n, mean, M2, e] and
+        # [sum dy, sum dy*xhat] per channel in float64, and one int64 agreement;
+        # one rank: no collective at all
+        k = int(world_size > 1)
+        assert r["collectives"] == {"forward": {"data": k, "agree": k},
+                                    "backward": {"data": k, "agree": k}}
+        assert r["bytes_per_pass"]["forward"]["data"] == k * 4 * c * 8
+        assert r["bytes_per_pass"]["backward"]["data"] == k * 2 * c * 8
         for key in ("forward_ms", "backward_ms", "step_ms", "copy_ms", "bound_ms",
                     "ratio_to_bound"):
             assert r[key] > 0, key

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,15 +266,16 @@ class TestHardRegimes:
         mean, m2 = _backend(backend).moments(x3, None, xp=np)
         _check_moments(mean, m2, x3, None)
 
-    def test_empty_batch_gives_zero_moments_and_empty_outputs(self, backend):
+    @pytest.mark.parametrize("shape", [(0, 3, 5), (0, 3, 40), (2, 3, 0)])
+    def test_no_element_gives_zero_moments_and_empty_outputs(self, backend, shape):
         k = _backend(backend)
-        x3 = np.zeros((0, 3, 5), np.float32)
+        x3 = np.zeros(shape, np.float32)
         mean, m2 = k.moments(x3, None, xp=np)
         assert mean.tolist() == m2.tolist() == [0.0] * 3
         z = np.zeros(3)
-        assert k.normalize(x3, z, z, z, xp=np, dtype=np.float32).shape == (0, 3, 5)
+        assert k.normalize(x3, z, z, z, xp=np, dtype=np.float32).shape == shape
         assert k.grad_sums(x3, x3, z, z, xp=np)[0].tolist() == [0.0] * 3
-        assert k.grad_input(x3, x3, z, z, z, z, None, xp=np, dtype=np.float32).shape == (0, 3, 5)
+        assert k.grad_input(x3, x3, z, z, z, z, None, xp=np, dtype=np.float32).shape == shape
 
     def test_all_masked_channel_positions_give_zero_moments(self, backend):
         x3 = np.full((2, 2, 40), np.nan)
@@ -389,3 +395,45 @@ def test_public_forward_backward_agree_across_backends(fmt, shape, dtype):
             _assert_within_one_ulp(u, v)
         else:
             np.testing.assert_allclose(u, v, rtol=64 * U64, atol=64 * U64 * 4 * x.size)
+
+
+def test_without_numba_the_numpy_backend_runs_and_says_so_once():
+    """numba that cannot import: one BackendWarning naming the way out, then numpy kernels."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["numba"] = None  # import numba now fails
+        import numpy as np
+        from refsyncbn.functional import backward, forward
+        x = np.arange(12.0, dtype=np.float32).reshape(4, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = [forward(x, data_format="NC").saved.kernels.NAME for _ in range(3)]
+        print(names, [type(w.message).__name__ for w in caught])
+        print(caught[0].message)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    first, message = proc.stdout.splitlines()[:2]
+    assert first == "['numpy', 'numpy', 'numpy'] ['BackendWarning']"
+    assert "numba" in message and "REFSYNCBN_BACKEND=numpy" in message
+
+
+@pytest.mark.parametrize("dy_dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 3, 40), (4, 3, 1)])
+def test_dy_of_another_float_dtype_than_x(dy_dtype, shape):
+    """x float32 with dy float16/float64: the same dx on every backend, in x's dtype."""
+    if not HAS_NUMBA:
+        pytest.skip("needs numba")
+    from refsyncbn.functional import backward, forward
+
+    x, dy = _data(shape, np.float32, seed=8)
+    x = x.reshape(shape[0], shape[1], -1)
+    dx = {}
+    for name in ("numpy", "numba"):
+        res = forward(x, data_format="NCL", backend=name)
+        dx[name] = backward(dy.astype(dy_dtype).reshape(x.shape), res.saved).dx
+    assert dx["numba"].dtype == np.float32
+    _assert_within_one_ulp(dx["numpy"], dx["numba"])

@@ -67,7 +67,7 @@ def moments(x3, mask3, *, xp):
         zeros = cp.zeros(c, dtype=cp.float64)
         return zeros, zeros
     valid = _valid(mask3)
-    t = _SUM(x3, valid, 0.0, axis=(0, 2)) / n
+    t = _SUM(x3, valid, _zero(), axis=(0, 2)) / n
     tc = _col(t)
     r = _SUM(x3, valid, tc, axis=(0, 2))
     q = _SQUARES(x3, valid, tc, axis=(0, 2))
@@ -83,7 +83,7 @@ def normalize(x3, mean, scale, shift, *, xp, dtype):
 
 def grad_sums(dy3, x3, mean, invstd, *, xp):
     """``(sum dy, sum dy * (x - mean) * invstd)`` per channel over all positions (float64)."""
-    a = _SUM(dy3, _valid(None), 0.0, axis=(0, 2))
+    a = _SUM(dy3, _valid(None), _zero(), axis=(0, 2))
     return a, _DOT(dy3, x3, _col(mean), axis=(0, 2)) * invstd
 
 
@@ -97,6 +97,11 @@ def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
 def _col(v):
     """A per-channel vector ``(C,)`` as a broadcastable ``(1, C, 1)``."""
     return cp.reshape(v, (1, -1, 1))
+
+
+def _zero():
+    """A broadcastable float64 zero on the current device."""
+    return cp.zeros((1, 1, 1), dtype=cp.float64)
 
 
 def _valid(mask3):

@@ -35,7 +35,7 @@ __all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "
 NAME = "numba"
 
 _ROW_MIN = 32  # B from which kernels run along rows of B elements
-_BLOCK = 1 << 12  # elements per in-cache block of the two-pass moments
+_BLOCK = 1 << 15  # elements per in-cache block of the two-pass moments (<= 256 KiB)
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -57,7 +57,7 @@ def count(x3, mask3, *, xp) -> int:
 def moments(x3, mask3, *, xp):
     """Local ``(mean, M2)`` per channel (float64; zeros for a channel without elements)."""
     _, c, b = x3.shape
-    if b == 0:  # no position at all (e.g. a zero-length spatial axis)
+    if x3.size == 0:  # no element (an empty batch, or no spatial position)
         return np.zeros(c), np.zeros(c)
     if b >= _ROW_MIN:
         return _moments_rows(x3, _rows_mask(mask3), _BLOCK)
@@ -78,10 +78,10 @@ def normalize(x3, mean, scale, shift, *, xp, dtype):
 
 def grad_sums(dy3, x3, mean, invstd, *, xp):
     """``(sum dy, sum dy * (x - mean) * invstd)`` per channel over all positions (float64)."""
-    b = x3.shape[2]
-    if b == 0:  # no position at all (e.g. a zero-length spatial axis)
-        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
-    if b >= _ROW_MIN:
+    dy3, b = _operand(dy3), x3.shape[2]
+    if x3.size == 0:
+        sa = sb = np.zeros(x3.shape[1])
+    elif b >= _ROW_MIN:
         sa, sb = _grad_sums_rows(dy3, x3, mean)
     else:
         sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), mean, b)
@@ -91,13 +91,18 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
 def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     """``k_dy * dy - valid * (k_x * (x - mean) + k_0)`` per channel, rounded once to ``dtype``."""
     out = np.empty(x3.shape, dtype=dtype)
-    b = x3.shape[2]
+    dy3, b = _operand(dy3), x3.shape[2]
     if b >= _ROW_MIN:
         _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, _rows_mask(mask3), out)
     else:
         _grad_input_cols(_matrix(dy3), _matrix(x3), mean, k_dy, k_x, k_0, b,
                          _matrix_mask(mask3, x3.shape), _matrix(out))
     return out
+
+
+def _operand(dy3):
+    """``dy3`` as these loops take it: a dy of another float dtype (float16) converted exactly."""
+    return dy3 if dy3.dtype in _DTYPES else np.asarray(dy3, dtype=np.float64)
 
 
 def _matrix(v3):
