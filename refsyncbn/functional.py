@@ -306,7 +306,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
 
 
 def ordered_sum(records, *, xp):
-    """Sum of the ``(P, k, c)`` records over the ranks, in rank order (a ``combine`` fn)."""
+    """Sum of ``records`` over its first axis (the ranks), in rank order (a ``combine`` fn)."""
     total = records[0, ...]
     for r in range(1, records.shape[0]):
         total = total + records[r, ...]
@@ -372,7 +372,7 @@ def combine_moments(records, *, xp, weighting="count"):
         return xp.stack([n, nonempty, mu, m2 / (n + (1.0 - nonempty)), e])
     n, mu, m2, e = (records[:, i, :] for i in range(4))
     nonempty = xp.astype(n > 0, xp.float64)
-    m, r = _rank_sum(n, xp=xp), _rank_sum(nonempty, xp=xp)
+    m, r = ordered_sum(n, xp=xp), ordered_sum(nonempty, xp=xp)
     if weighting == "count":
         w, big_w, q = n, m, m2
     else:
@@ -396,17 +396,9 @@ def combine_moments(records, *, xp, weighting="count"):
 
 def _chan(w, mu, q, big_w, *, xp):
     """Weighted mean and variance of the ranks' records (see :func:`combine_moments`)."""
-    mean = _rank_sum(w / big_w * mu, xp=xp)  # = mean_r exactly for one non-empty rank
+    mean = ordered_sum(w / big_w * mu, xp=xp)  # = mean_r exactly for one non-empty rank
     d = mu - mean
-    return mean, (_rank_sum(q, xp=xp) + _rank_sum(w * d * d, xp=xp)) / big_w
-
-
-def _rank_sum(v, *, xp):
-    """Sum of ``v`` over its first axis (the ranks), in rank order."""
-    total = v[0, ...]
-    for r in range(1, v.shape[0]):
-        total = total + v[r, ...]
-    return total
+    return mean, (ordered_sum(q, xp=xp) + ordered_sum(w * d * d, xp=xp)) / big_w
 
 
 def _log2(v, *, xp):

@@ -234,7 +234,7 @@ class TestSelfcheckJudgesWithTheErrorModel:
         monkeypatch.setenv("REFSYNCBN_BACKEND", "numpy")
         assert cli.main(["selfcheck", "--world", "2", "--cases", "12"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert [ln for ln in out if ln.startswith("kernels: ")][0].startswith("kernels: numpy (")
+        assert next(ln for ln in out if ln.startswith("kernels: ")).startswith("kernels: numpy (")
         col = out.index(next(ln for ln in out if ln.startswith("case "))) + 1
         offsets = [float(ln.split()[-7]) for ln in out[col:col + 12]]
         assert max(offsets) >= 1e6 and min(offsets) < 1e3  # both regimes are in the run
