@@ -27,14 +27,16 @@ MomentumMeaning = Literal["retain", "update"]
 RunningVar = Literal["biased", "unbiased_global", "unbiased_local"]
 Weighting = Literal["count", "equal"]
 ParamGrads = Literal["local", "sum", "mean"]
-SingleValue = Literal["raise", "biased"]
+SingleValue = Literal["raise", "raise_alone", "biased"]
+EmptyRank = Literal["skip", "nan"]
 
 _CHOICES = {
     "momentum_meaning": ("retain", "update"),
     "running_var": ("biased", "unbiased_global", "unbiased_local"),
     "weighting": ("count", "equal"),
     "param_grads": ("local", "sum", "mean"),
-    "single_value": ("raise", "biased"),
+    "single_value": ("raise", "raise_alone", "biased"),
+    "empty_rank": ("skip", "nan"),
 }
 
 
@@ -66,10 +68,18 @@ class Convention:
         Default reduction of ``dweight``/``dbias`` over the group: this rank's
         contribution, the group sum, or the group sum divided by the number of
         ranks in the group.
-    single_value : {"raise", "biased"}
-        What an unbiased correction does when its count is 1: raise
-        ``ValueError`` (PyTorch) or fall back to the biased variance
-        (``m / max(m - 1, 1)``, Chainer's rule).
+    single_value : {"raise", "raise_alone", "biased"}
+        What training does when the group holds one value per channel:
+        raise ``ValueError``; ``"raise_alone"``: raise only when the group has
+        one rank, otherwise the unbiased correction divides by zero and the
+        running variance becomes NaN (PyTorch: ``SyncBatchNorm.forward``
+        checks ``size == 1 and world_size < 2``); or fall back to the biased
+        variance (``m / max(m - 1, 1)``, Chainer's rule).
+    empty_rank : {"skip", "nan"}
+        With equal weighting, what a rank without valid elements does: it is
+        skipped (the mean over the non-empty ranks) or makes every statistic
+        of the group NaN (Flax: ``x.mean(where=mask)`` of nothing is NaN, and
+        ``lax.pmean`` spreads it). Count weighting always skips it.
     """
 
     name: str
@@ -80,6 +90,7 @@ class Convention:
     eps: float
     param_grads: ParamGrads = "local"
     single_value: SingleValue = "biased"
+    empty_rank: EmptyRank = "skip"
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():
@@ -103,12 +114,15 @@ REFERENCE = Convention("reference", 0.9, "retain", "biased", "count", 1e-5)
 """The seed documents' rule: ``rv = rv * 0.9 + var * 0.1``, biased
 running variance, exact count weighting, eps 1e-5, local parameter gradients."""
 
-TORCH = Convention("torch", 0.1, "update", "unbiased_global", "count", 1e-5, single_value="raise")
+TORCH = Convention("torch", 0.1, "update", "unbiased_global", "count", 1e-5,
+                   single_value="raise_alone")
 """PyTorch ``nn.SyncBatchNorm`` (torch/nn/modules/_functions.py): per-rank
 (mean, invstd, count) merged by count (empty ranks contribute nothing),
 ``running = (1 - m) * running + m * batch`` with m = 0.1, running variance
 unbiased with the GLOBAL count; a single value per channel raises ValueError
-("Expected more than 1 value per channel when training")."""
+("Expected more than 1 value per channel when training") only in a one-rank
+group (``size == 1 and world_size < 2``); with more ranks the running
+variance becomes NaN (``0 / (count - 1)``)."""
 
 PADDLE = Convention("paddle", 0.9, "retain", "biased", "equal", 1e-5)
 """Paddle ``nn.SyncBatchNorm`` and ``sparse.nn.SyncBatchNorm`` (sync_batch_norm
@@ -127,9 +141,12 @@ KERAS = Convention("keras", 0.99, "retain", "biased", "count", 1e-3)
 counts (count weighting), ``moving = moving * 0.99 + batch * 0.01``, biased
 variance, eps 1e-3."""
 
-FLAX = Convention("flax", 0.99, "retain", "biased", "equal", 1e-5)
-"""Flax ``nn.BatchNorm(axis_name=...)``: ``lax.pmean`` of per-device E[x] and
-E[x^2] (equal weight per device), momentum 0.99 retained, biased variance."""
+FLAX = Convention("flax", 0.99, "retain", "biased", "equal", 1e-5, empty_rank="nan")
+"""Flax ``nn.BatchNorm(axis_name=...)`` (flax/linen/normalization.py
+``_compute_stats``): ``lax.pmean`` of per-device E[x] and E[x^2] (equal weight
+per device), momentum 0.99 retained, biased variance; a device with no valid
+element (``mean(where=mask)`` of nothing is NaN) makes the group's statistics
+NaN."""
 
 CHAINERMN = Convention("chainermn", 0.9, "retain", "unbiased_local", "equal", 2e-5, "mean")
 """ChainerMN ``MultiNodeBatchNormalization``: per-rank means averaged over

@@ -25,6 +25,7 @@ contract and the math: ``docs/numerics.md``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -277,6 +278,8 @@ def backward(dy, saved: Saved, *, param_grads=None):
     dy3 = s.layout.view(dy, xp=xp)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf statistics propagate
         a, b = s.kernels.grad_sums(dy3, s.x3, s.kmean, s.kinvstd, xp=xp)  # sum dy, sum dy x_hat
+        if math.prod(s.shape) == 0:  # empty sums are 0, even with NaN statistics (Flax)
+            b = xp.zeros_like(a)
         if s.comm.size == 1:  # one rank: its sums are the group's, no collective
             a_sum, b_sum = a, b
         elif s.training or reduce_params:
@@ -303,7 +306,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
 
 
 def ordered_sum(records, *, xp):
-    """Sum of the ``(P, k, c)`` records over the ranks, in rank order (a ``combine`` fn)."""
+    """Sum of ``records`` over its first axis (the ranks), in rank order (a ``combine`` fn)."""
     total = records[0, ...]
     for r in range(1, records.shape[0]):
         total = total + records[r, ...]
@@ -340,17 +343,17 @@ def combine_moments(records, *, xp, weighting="count"):
     and ``W = R`` (equal), and ``q_r = M2_r`` (count) or ``M2_r / n_r``
     (equal)::
 
-        mean = sum_r w_r mean_r / W
+        mean = sum_r (w_r / W) mean_r
         var  = (sum_r q_r + sum_r w_r (mean_r - mean)^2) / W
 
     No difference of large sums is formed, so there is no cancellation; the
     equal weighting gives the value of "mean over ranks of E[x^2] minus
     mean^2" without forming it. Every sum runs over the ranks in rank order,
     element-wise per channel. When an exponent is non-zero or the result
-    overflows (finite data near the float64 range), every term is divided by
-    ``2^E`` (``4^E`` for squares), ``E`` per channel from the magnitudes of the
+    overflows (finite data near the float64 range), that channel's terms are
+    divided by ``2^E`` (``4^E`` for squares), ``E`` from the magnitudes of its
     records: exact, so the scaled result is the unscaled one divided by
-    ``2^E`` (``4^E``).
+    ``2^E`` (``4^E``). Every channel is decided on its own records alone.
 
     Examples
     --------
@@ -363,9 +366,13 @@ def combine_moments(records, *, xp, weighting="count"):
            [2.        , 5.        ],
            [2.66666667, 0.        ]])
     """
+    if records.shape[0] == 1:  # one rank: its own record, as the general formulas give it
+        n, mu, m2, e = (records[0, i, :] for i in range(4))
+        nonempty = xp.astype(n > 0, xp.float64)
+        return xp.stack([n, nonempty, mu, m2 / (n + (1.0 - nonempty)), e])
     n, mu, m2, e = (records[:, i, :] for i in range(4))
     nonempty = xp.astype(n > 0, xp.float64)
-    m, r = _rank_sum(n, xp=xp), _rank_sum(nonempty, xp=xp)
+    m, r = ordered_sum(n, xp=xp), ordered_sum(nonempty, xp=xp)
     if weighting == "count":
         w, big_w, q = n, m, m2
     else:
@@ -374,10 +381,13 @@ def combine_moments(records, *, xp, weighting="count"):
     with np.errstate(over="ignore", invalid="ignore"):  # overflow: rescaled; NaN propagates
         mean, var = _chan(w, mu, q, big_w, xp=xp)
         exp = xp.zeros_like(mean)
-        if not bool(xp.all(e == 0)) or not bool(xp.all(xp.isfinite(mean) & xp.isfinite(var))):
+        # per channel (so any channel slice gives the same bytes): scale where a
+        # rank scaled or the plain result overflowed; elsewhere E = 0 is exact
+        need = xp.any(e != 0, axis=0) | ~xp.isfinite(mean + var)
+        if bool(xp.any(need)):
             exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
                                     _log2(m2, xp=xp) / 2 + e), axis=0)
-            exp = xp.clip(xp.ceil(exp), 0, 1023)
+            exp = xp.where(need, xp.clip(xp.ceil(exp), 0, 1023), xp.zeros_like(exp))
             down = _pow2(-exp, xp=xp)
             mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
             mean = mean_s / down
@@ -386,17 +396,9 @@ def combine_moments(records, *, xp, weighting="count"):
 
 def _chan(w, mu, q, big_w, *, xp):
     """Weighted mean and variance of the ranks' records (see :func:`combine_moments`)."""
-    mean = _rank_sum(w * mu, xp=xp) / big_w
+    mean = ordered_sum(w / big_w * mu, xp=xp)  # = mean_r exactly for one non-empty rank
     d = mu - mean
-    return mean, (_rank_sum(q, xp=xp) + _rank_sum(w * d * d, xp=xp)) / big_w
-
-
-def _rank_sum(v, *, xp):
-    """Sum of ``v`` over its first axis (the ranks), in rank order."""
-    total = v[0, ...]
-    for r in range(1, v.shape[0]):
-        total = total + v[r, ...]
-    return total
+    return mean, (ordered_sum(q, xp=xp) + ordered_sum(w * d * d, xp=xp)) / big_w
 
 
 def _log2(v, *, xp):
@@ -420,7 +422,7 @@ def _local_record(x3, mask3, kern, *, xp):
     n = kern.count(x3, mask3, xp=xp)
     mean, m2 = kern.moments(x3, mask3, xp=xp)
     e = xp.zeros_like(mean)
-    if not bool(xp.all(xp.isfinite(mean) & xp.isfinite(m2))):
+    if not bool(xp.all(xp.isfinite(mean + m2))):
         x = xp.abs(xp.astype(x3, xp.float64))
         if mask3 is not None:
             x = xp.where(mask3, x, xp.zeros_like(x))
@@ -463,11 +465,15 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
         msg = ("forward: every rank of the group passed an empty batch; batch statistics "
                "of zero elements are undefined")
         raise ValueError(msg)
-    if m == 1 and conv.single_value == "raise":
+    if m == 1 and (conv.single_value == "raise"
+                   or (conv.single_value == "raise_alone" and comm.size < 2)):
         msg = (f"Expected more than 1 value per channel when training, got a global count "
                f"of 1 per channel (convention {conv.name!r})")
         raise ValueError(msg)
     omega = 1.0 / m if conv.weighting == "count" else 1.0 / (n * big_w) if n else 0.0
+    if conv.weighting == "equal" and conv.empty_rank == "nan" and big_w < comm.size:
+        nan = xp.full_like(total[2, :], math.nan)  # Flax: an empty device's mean is NaN
+        return nan, nan, None, m, omega, n
     if variance == "naive":
         mean = total[2, :] / big_w
         var = total[3, :] / big_w - mean * mean
@@ -504,6 +510,8 @@ def _update_running(running_mean, running_var, mean, var, m, n, conv, momentum, 
     else:
         k = m if conv.running_var == "unbiased_global" else n
     correction = k / max(k - 1, 1) if k else 1.0
+    if k == 1 and conv.running_var != "biased" and conv.single_value == "raise_alone":
+        correction = math.nan  # PyTorch: M2 / (count - 1) = 0 / 0
     w = conv.batch_weight(momentum)
     rm = xp.astype(running_mean, xp.float64) * (1.0 - w) + mean * w
     rv = xp.astype(running_var, xp.float64) * (1.0 - w) + var * (correction * w)

@@ -8,8 +8,9 @@ SimulatedWorld (threads of one process, P up to 256)::
 
     python scripts/bench_protocol.py simulated
 
-``combine``: each rank's ``(3, C)`` record (n, mean, M2) combined by a
-rank-ordered per-channel function into ``(2, C)``, through the all-gather path
+``combine``: each rank's ``(4, C)`` record (n, mean, M2, e) combined by the
+forward's exact rank-ordered combination (``functional.combine_moments``) into
+``(5, C)``, through the all-gather path
 (every rank receives all ``P`` records and combines everything) and the
 owner-computes path (``Ialltoall`` of channel blocks, owner combines,
 ``Iallgather`` of the parts), forced in turn and interleaved in the same
@@ -28,21 +29,9 @@ import time
 import numpy as np
 
 from refsyncbn.comm import _plan, mpi, simulated
+from refsyncbn.functional import combine_moments as fn
 
-K, K_OUT = 3, 2
-
-
-def fn(records, *, xp):
-    """Chan's rank-ordered (n, mean, M2) combination, per channel."""
-    n, mean, m2 = records[0, 0], records[0, 1], records[0, 2]
-    for r in range(1, records.shape[0]):
-        nb = records[r, 0]
-        tot = n + nb
-        delta = records[r, 1] - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + records[r, 2] + delta * delta * (n * nb / tot)
-        n = tot
-    return xp.stack([mean, m2 / n])
+K, K_OUT = 4, 5
 
 
 def received_bytes(p, c, path):
@@ -65,7 +54,8 @@ def _force(path, module):
 
 def _record(rank, c):
     rng = np.random.default_rng(rank)
-    return np.stack([np.full(c, 10.0 + rank), rng.standard_normal(c), rng.uniform(1, 2, c)])
+    return np.stack([np.full(c, 10.0 + rank), rng.standard_normal(c), rng.uniform(1, 2, c),
+                     np.zeros(c)])
 
 
 def _timed(call, iters):
@@ -168,7 +158,7 @@ def bench_simulated():
                     simulated.block_width = original
             print(f"| {p} | {c} | {times['gather'] * 1e3:.1f} | {received_bytes(p, c, 'gather')}"
                   f" | {times['owner'] * 1e3:.1f} | {received_bytes(p, c, 'owner')} |")
-    print("\n## On paper: bytes each rank receives per combine (k = 3, k_out = 2)")
+    print(f"\n## On paper: bytes each rank receives per combine (k = {K}, k_out = {K_OUT})")
     print("| P | C | all-gather | owner-computes |")
     print("|---|---|---|---|")
     for p in (1024, 4096):

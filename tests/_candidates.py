@@ -54,7 +54,7 @@ def _chan(a, b):
 
 def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype=None,
                   merge_dtype=None, summation="pairwise", convention="reference", sync=True,
-                  eps=None, b_error=0.0):
+                  eps=None, planted=None, empty="skip"):
     """One SyncBN algorithm of the zoo (tests/test_zoo.py), arithmetic in dtype ``acc``.
 
     ``stats``: this rank's statistics: ``"two_pass"`` (mean, then
@@ -69,9 +69,13 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
     or the ``pmean`` of per-rank ``E[x]`` and ``E[x^2]`` (Flax,
     ``merge="equal"``). ``convention``: "reference"-like (retain, biased) or
     "torch" (update, unbiased with the group count). ``sync=False`` skips
-    every all-reduce; ``eps`` overrides the given eps; ``b_error`` scales the
-    all-reduced ``B = sum dy x_hat`` by ``1 + b_error`` (a planted error).
+    every all-reduce (an empty rank then has zero statistics); ``empty="nan"``
+    makes an equal merge NaN when a rank is empty (Flax's ``pmean`` of an
+    empty mean); ``eps`` overrides the given eps; ``planted`` maps
+    ``"A"``, ``"B"`` (the all-reduced ``sum dy``, ``sum dy x_hat``),
+    ``"dweight"`` or ``"dbias"`` to a relative error planted there.
     """
+    planted = {} if planted is None else planted
     acc = np.dtype(acc)
     mdt = acc if merge_dtype is None else np.dtype(merge_dtype)
     sdt = acc if stats_dtype is None else np.dtype(stats_dtype)
@@ -106,7 +110,11 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
             q = _sum((rows - mean) ** 2, summation)
             q = comm.allreduce_sum(q, xp=np) if sync else q
             return m, mean, (q / m).astype(acc), 1 / m
-        recs = [r for r in records(rows, comm) if r[0] > 0]
+        recs = records(rows, comm)
+        if merge == "equal" and empty == "nan" and min(r[0] for r in recs) == 0:
+            nan = np.full(c, np.nan, acc)
+            return acc.type(sum(r[0] for r in recs)), nan, nan, 0.0
+        recs = [r for r in recs if r[0] > 0]
         if not recs:  # an empty rank that does not synchronize
             return acc.type(0), np.zeros(c, acc), np.zeros(c, acc), 0.0
         if stats == "naive":
@@ -161,15 +169,18 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
         if training:
             tot = np.concatenate([a_loc, b_loc])
             tot = comm.allreduce_sum(tot, xp=np).astype(acc) if sync else tot
-            tot[c:] = tot[c:] * acc.type(1 + b_error)
+            tot[:c] = tot[:c] * acc.type(1 + planted.get("A", 0.0))
+            tot[c:] = tot[c:] * acc.type(1 + planted.get("B", 0.0))
             dx = w * invstd * (dyr - om * tot[:c] - xhat * (om * tot[c:]))
 
         def back(v):
             shape = [s for i, s in enumerate(x.shape) if i != axis] + [c]
             return np.moveaxis(v.reshape(shape), -1, axis).astype(x.dtype)
 
-        return {"y": back(y), "dx": back(dx), "dweight": b_loc.astype(weight.dtype),
-                "dbias": a_loc.astype(weight.dtype), "running_mean": rm.astype(running_mean.dtype),
+        dweight = b_loc * acc.type(1 + planted.get("dweight", 0.0))
+        dbias = a_loc * acc.type(1 + planted.get("dbias", 0.0))
+        return {"y": back(y), "dx": back(dx), "dweight": dweight.astype(weight.dtype),
+                "dbias": dbias.astype(weight.dtype), "running_mean": rm.astype(running_mean.dtype),
                 "running_var": rv.astype(running_var.dtype)}
 
     candidate_eps = eps

@@ -130,7 +130,8 @@ def _running_worst(got, ex, kappa, dtype):
     rm = [dec(0.5) * dec(0.9) + dec(m) * dec(0.1) for m in ex["mean"]]
     rv = [dec(2.0) * dec(0.9) + dec(v) * dec(0.1) for v in ex["var"]]
     fi = np.finfo(dtype)
-    b_rm = K * U64 * (1 + np.abs(mean)) + fi.eps * (0.5 + np.abs(mean))
+    sigma = np.sqrt(var + EPS)  # the mean errs by u (|mean| + sigma), not u |mean| alone
+    b_rm = K * U64 * (1 + np.abs(mean) + sigma) + fi.eps * (0.5 + np.abs(mean))
     b_rv = K * U64 * kappa * (2 + var) + fi.eps * (2 + var)
     return max(float((error(got[0]["running_mean"], rm) / b_rm).max()),
                float((error(got[0]["running_var"], rv) / b_rv).max()))

@@ -8,12 +8,15 @@ against the same rank-ordered function applied to the whole stack by the test.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from refsyncbn import RankError, SimulatedWorld, backward, forward
-from refsyncbn.comm import CollectiveTimeout, LocalComm
+from refsyncbn.comm import TIMEOUT_ENV, CollectiveTimeout, LocalComm
 from refsyncbn.comm._plan import OWNER_MIN_BYTES, block_width
+from refsyncbn.comm._watchdog import resolve_timeout, wait
 from refsyncbn.comm.agreement import MAX_FIELDS, agree
 from refsyncbn.comm.counting import CountingComm
 from refsyncbn.comm.simulated import PeerAborted
@@ -213,10 +216,12 @@ class TestOwnerComputes:
         assert block_width(4, 3, c - 1) is None
         assert block_width(4, 3, 3) is None      # tiny records
         assert block_width(4096, 3, 64) == 1     # fewer channels than ranks: padded blocks
+        assert block_width(2, 3, 10**6) is None  # two ranks: all-gather moves no more
         assert block_width(1, 3, 10**6) is None  # one rank
 
     @pytest.mark.parametrize(("size", "c"), [(2, 4096), (3, 5000), (5, 1003), (8, 4099),
-                                             (4, 65536), (3, 7), (64, 48)])
+                                             (4, 65536), (3, 7), (64, 48),
+                                             (3, 20000), (8, 6007), (160, 300), (300, 200)])
     def test_bitwise_equal_to_the_function_on_the_whole_stack(self, size, c):
         rng = np.random.default_rng(size * c)
         records = np.stack([np.stack([rng.integers(0, 50, c).astype(float),
@@ -228,3 +233,39 @@ class TestOwnerComputes:
         for got in out:
             assert got.shape == (4, c)
             assert got.tobytes() == want.tobytes()
+
+
+class _Request:
+    """A stand-in MPI request that completes after ``polls`` calls to ``Test``."""
+
+    def __init__(self, polls):
+        self.polls, self.tests = polls, 0
+
+    def Test(self):
+        self.tests += 1
+        return self.tests > self.polls
+
+
+class TestWaitLoop:
+    def test_returns_once_the_request_completes(self):
+        for polls in (0, 3, 40):
+            request = _Request(polls)
+            wait(request, 5.0, lambda: "never")
+            assert request.tests == polls + 1
+
+    def test_raises_the_described_timeout_after_the_deadline(self):
+        request = _Request(10**12)
+        with pytest.raises(CollectiveTimeout, match=r"^demo call #7 expired$"):
+            wait(request, 0.05, lambda: "demo call #7 expired")
+        assert request.tests > 1  # polled, then gave up
+
+    def test_timeouts_are_positive_seconds(self, monkeypatch):
+        monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+        assert resolve_timeout(None, 600.0, "X") == 600.0
+        assert resolve_timeout(math.inf, 600.0, "X") == math.inf
+        monkeypatch.setenv(TIMEOUT_ENV, "0.25")
+        assert resolve_timeout(None, 600.0, "X") == 0.25
+        assert resolve_timeout(3, 600.0, "X") == 3.0
+        monkeypatch.setenv(TIMEOUT_ENV, "-1")
+        with pytest.raises(ValueError, match=r"X: REFSYNCBN_TIMEOUT is -1\.0; expected a number"):
+            resolve_timeout(None, 600.0, "X")

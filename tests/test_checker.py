@@ -36,7 +36,7 @@ def _expected_traits(conv):
     return {"momentum_meaning": conv.momentum_meaning, "running_var": conv.running_var,
             "weighting": conv.weighting, "param_grads": conv.param_grads,
             "eps_placement": "inside_sqrt", "eps_value": "as given",
-            "variance": "cancellation-free"}
+            "variance": "cancellation-free", "empty_rank": conv.empty_rank}
 
 
 class TestReference:
@@ -55,7 +55,7 @@ class TestReference:
     def test_report_text_has_verdict_and_fingerprint(self):
         text = str(check(reference_candidate("paddle"), expect="paddle"))
         assert "verdict: PASS: 108 of 108 outputs within the bound" in text
-        assert "consistent with presets: paddle, flax" in text
+        assert "consistent with presets: paddle\n" in text  # flax: an empty device gives NaN
         assert "weighting         equal" in text
 
 
@@ -178,10 +178,11 @@ class TestFrameworkFormulas:
         assert report.presets == ("keras",)
 
     def test_flax_pmean_of_moments_reads_flax(self):
-        flax_like = zoo_candidate(stats="naive", merge="equal")
+        flax_like = zoo_candidate(stats="naive", merge="equal", empty="nan")
         report = check(flax_like, expect="flax", model=ErrorModel(variance="naive"))
         assert report.passed, str(report)
-        assert "flax" in report.presets and "reference" not in report.presets
+        assert report.fingerprint["empty_rank"].value == "nan"
+        assert report.presets == ("flax",)
 
     def test_a_torch_variant_with_its_own_eps_is_not_torch(self):
         base = zoo_candidate(stats="two_pass", merge="count", stats_dtype="float64",
@@ -244,6 +245,32 @@ class TestClassifierThresholds:
         gap = abs(x[:, 0].mean() - np.mean([x[:splits[0], 0].mean(), x[splits[0]:, 0].mean()]))
         traits = _normalized(centre_shift=share * gap, probe="weighting")
         assert traits["weighting"].value == value
+
+
+    @pytest.mark.parametrize(("share", "value"), [(0.03, "unsynchronized"),
+                                                  (0.3, "unrecognized")])
+    def test_unsynchronized(self, share, value):
+        case = probe_cases()["weighting"]
+        x = np.asarray(case.x, np.float64)
+        parts = [x[slice(*case.bounds(r))] for r in range(case.world_size)]
+        gap = abs(x[:, 0].mean() - np.mean([p[:, 0].mean() for p in parts]))
+
+        def local(x):  # each rank normalizes with its own statistics, shifted
+            return np.concatenate([(p - p.mean(0) - share * gap) / np.sqrt(p.var(0) + case.eps)
+                                   for p in parts])
+
+        assert _fingerprint_of("weighting", local)["weighting"].value == value
+
+    @pytest.mark.parametrize(("spread", "value"), [(0.005, "inside_sqrt"),
+                                                   (0.1, "unrecognized")])
+    def test_eps_placement(self, spread, value):
+        case = probe_cases()["eps"]
+        eps = case.eps * (1 + spread * np.arange(3))  # a different eps per channel
+
+        def make_y(x):
+            return (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+
+        assert _fingerprint_of("eps", make_y)["eps_placement"].value == value
 
 
 class TestGlobalBatch:

@@ -230,6 +230,15 @@ class TestSelfcheckJudgesWithTheErrorModel:
         assert "ErrorModel('float64', 'stable', 'pairwise')" in headers[0]
         assert selfcheck.MODEL == selfcheck.ErrorModel("float64")
 
+    def test_the_report_names_the_kernels_and_shows_the_large_offsets(self, capsys, monkeypatch):
+        monkeypatch.setenv("REFSYNCBN_BACKEND", "numpy")
+        assert cli.main(["selfcheck", "--world", "2", "--cases", "12"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert next(ln for ln in out if ln.startswith("kernels: ")).startswith("kernels: numpy (")
+        col = out.index(next(ln for ln in out if ln.startswith("case "))) + 1
+        offsets = [float(ln.split()[-7]) for ln in out[col:col + 12]]
+        assert max(offsets) >= 1e6 and min(offsets) < 1e3  # both regimes are in the run
+
     def test_large_offset_cancellation_fails(self):
         # mean 1e6, std ~1: E[x^2] - E[x]^2 in float64 loses ~12 digits of the
         # variance; the old scaled metric (1e-12 * kappa with kappa = 1e12)

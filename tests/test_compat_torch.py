@@ -66,11 +66,16 @@ class TestMatchesOracle:
         got = SimulatedWorld(2).run(body, [0, 1])
         assert mismatches(got, case, keys=("y", "dx", "dweight", "dbias")) == []
 
-    def test_single_value_per_channel_in_the_group_raises_everywhere(self):
+    def test_single_value_per_channel_raises_only_in_a_one_rank_group(self):
+        # PyTorch's check is `size == 1 and world_size < 2`
         def body(comm, n):
-            return SyncBatchNorm(2, process_group=comm)(np.ones((n, 2)))
+            layer = SyncBatchNorm(2, process_group=comm)
+            layer(np.ones((n, 2)))
+            return layer.running_var
+        for running_var in SimulatedWorld(2).run(body, [1, 0]):
+            assert np.isnan(running_var).all()
         with pytest.raises(RankError) as info:
-            SimulatedWorld(2).run(body, [1, 0])
+            SimulatedWorld(1).run(body, [1])
         assert all("more than 1 value" in str(e) for e in info.value.errors.values())
 
 

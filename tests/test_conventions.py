@@ -100,6 +100,7 @@ class TestConventionRecord:
         ("weighting", "mean", "Convention.weighting is 'mean'"),
         ("param_grads", "avg", "Convention.param_grads is 'avg'"),
         ("single_value", "nan", "Convention.single_value is 'nan'"),
+        ("empty_rank", "zero", "Convention.empty_rank is 'zero'"),
         ("momentum", 2.0, r"Convention.momentum is 2.0; expected a float in \[0, 1\]"),
         ("eps", -1e-5, "Convention.eps is -1e-05; expected a float >= 0"),
     ])
@@ -120,3 +121,71 @@ def test_torch_preset_matches_pytorch_batch_norm_on_the_global_batch():
     for res, _ in ours:
         np.testing.assert_allclose(res.running_mean, rm.numpy(), rtol=1e-14)
         np.testing.assert_allclose(res.running_var, rv.numpy(), rtol=1e-14)
+
+
+def _train(convention, shards, mask=None):
+    """Every rank's forward and backward (dy = 1) on ``shards`` (one channel, NC)."""
+    def body(comm, r):
+        m = None if mask is None else mask[r]
+        res = forward(shards[r], np.ones(1), np.zeros(1), running_mean=np.array([RM0]),
+                      running_var=np.array([RV0]), data_format="NC", convention=convention,
+                      mask=m, comm=comm)
+        return res, backward(np.ones_like(shards[r]), res.saved)
+    return SimulatedWorld(len(shards)).run(body, list(range(len(shards))))
+
+
+EMPTY = (np.zeros((0, 1)), np.array([[4.0], [6.0], [8.0], [10.0]]))
+
+
+class TestEdgeCasesFollowTheFrameworks:
+    """Rules read from the frameworks' source (README, Conventions)."""
+
+    def test_flax_empty_device_makes_every_statistic_of_the_group_nan(self):
+        # flax/linen/normalization.py: x.mean(where=mask) of nothing is NaN; lax.pmean spreads it
+        for (res, grads), shard in zip(_train("flax", EMPTY), EMPTY, strict=True):
+            assert np.isnan(res.y).all() and res.y.shape == shard.shape
+            assert np.isnan(res.running_mean).all() and np.isnan(res.running_var).all()
+            assert np.isnan(grads.dx).all()
+        # no element on rank 0: its local parameter gradients are empty sums
+        assert _train("flax", EMPTY)[0][1].dweight.tolist() == [0.0]
+
+    def test_flax_device_with_no_valid_position_is_empty_too(self):
+        shards = [np.array([[0.0], [2.0]]), EMPTY[1]]
+        mask = [np.array([False, False]), np.ones(4, bool)]
+        for res, _ in _train("flax", shards, mask):
+            assert np.isnan(res.y).all()
+
+    def test_paddle_skips_the_empty_rank(self):
+        # equal weighting over the non-empty rank: mean 7, var 5 (by hand)
+        for res, _ in _train("paddle", EMPTY):
+            assert res.running_mean.tolist() == [10.0 * 0.9 + 7.0 * 0.1]
+            np.testing.assert_allclose(res.running_var, [2.0 * 0.9 + 5.0 * 0.1], rtol=1e-15)
+
+    def test_torch_one_value_in_a_group_of_two_gives_a_nan_running_var(self):
+        # torch/nn/modules/_functions.py raises only if size == 1 and world_size < 2;
+        # batch_norm_gather_stats_with_counts then divides M2 = 0 by count - 1 = 0
+        shards = [np.zeros((0, 1)), np.array([[3.0]])]
+        for res, _ in _train("torch", shards):
+            assert np.isnan(res.running_var).all()
+            assert res.running_mean.tolist() == [10.0 * 0.9 + 3.0 * 0.1]
+        assert _train("torch", shards)[1][0].y.tolist() == [[0.0]]  # x - mean = 0
+
+    def test_torch_one_value_alone_raises(self):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            forward(np.array([[3.0]]), data_format="NC", convention="torch")
+
+    def test_the_oracle_agrees(self):
+        from refsyncbn.cases import Case
+        from refsyncbn.testing import expected_outputs
+
+        for conv, shards in (("flax", EMPTY), ("torch", [np.zeros((0, 1)), [[3.0]]])):
+            x = np.concatenate([np.asarray(s, float) for s in shards])
+            case = Case(x=x, running_mean=np.array([RM0]), running_var=np.array([RV0]),
+                        splits=tuple(len(s) for s in shards), data_format="NC",
+                        convention=conv, momentum=CONVENTIONS[conv].momentum)
+            with np.errstate(invalid="ignore"):
+                exp = expected_outputs(case)
+            ours = _train(conv, [np.asarray(s, float) for s in shards])
+            for e, (res, _) in zip(exp, ours, strict=True):
+                np.testing.assert_array_equal(e["running_var"], res.running_var)
+                np.testing.assert_array_equal(e["y"], res.y)

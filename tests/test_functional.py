@@ -316,8 +316,12 @@ class TestCombineMoments:
             assert abs(Fraction(got[3, j]) - var) <= 1e-9 * var  # kappa ~ 1e6 here
             assert got[4, j] == 0
 
-    def test_any_channel_slice_gives_the_same_bytes(self):
+    @pytest.mark.parametrize("overflow", [False, True])
+    def test_any_channel_slice_gives_the_same_bytes(self, overflow):
         rec = _records(np.random.default_rng(1), 3, 5)
+        if overflow:  # channel 3 combines ranks 1e300 apart, channel 1 carries e = 600
+            rec[1:, 1, 3] = [1e300, -1e300]
+            rec[:, 3, 1] = 600.0
         whole = combine_moments(rec, xp=np)
         for sl in (slice(0, 2), slice(2, 5), slice(4, 5)):
             assert combine_moments(rec[:, :, sl], xp=np).tobytes() == whole[:, sl].tobytes()

@@ -116,7 +116,8 @@ class TestDivergence:
     def test_owner_computes_combine_is_bitwise_the_rank_ordered_function(self, n):
         proc = mpirun(n, "tests/mpi/mpi_diverge.py", "combine", timeout=90)
         _assert_ok(proc, "combine", n)
-        assert "combine C=65536 path=owner: bitwise equal" in proc.stdout
+        owner = "owner" if n >= 3 else "gather"  # two ranks: the all-gather moves no more
+        assert f"combine C=44000 path={owner}: bitwise equal" in proc.stdout
         assert "combine C=2 path=gather: bitwise equal" in proc.stdout
 
 

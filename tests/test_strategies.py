@@ -56,9 +56,17 @@ class TestCases:
 
     @settings(max_examples=20)
     @given(case=cases(regime="one_sample"))
-    def test_one_sample_means_one_value_per_group_and_no_torch(self, case):
+    def test_one_sample_means_one_value_per_group_and_no_torch_or_flax(self, case):
         assert set(_group_counts(case)) == {1}
-        assert case.convention != "torch"
+        assert case.convention not in ("torch", "flax")  # a raise or NaN there
+
+    @settings(max_examples=30)
+    @given(case=cases(conventions=["flax"], world_sizes=[2, 3]))
+    def test_flax_cases_have_a_valid_element_on_every_rank(self, case):
+        for r in range(case.world_size):
+            shard = case.shard(r)
+            assert len(shard["x"]) > 0
+            assert "mask" not in shard or shard["mask"].any()
 
     @settings(max_examples=20)
     @given(case=cases(regime="cancellation", dtypes=["float32"]))

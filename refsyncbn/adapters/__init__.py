@@ -10,11 +10,12 @@ new ``running_mean``/``running_var``), so that the checker
     ``torch.nn.SyncBatchNorm`` in one process per rank over the gloo backend
     (loopback only). torch refuses SyncBatchNorm on CPU and has no CPU kernels
     for its five sync ops; the adapter supplies CPU stand-ins that follow the
-    CUDA kernels' math (:func:`refsyncbn.adapters.torch.cpu_sync_ops`). On a
-    CUDA device it would run as is.
+    CUDA kernels' math (:func:`refsyncbn.adapters.torch.cpu_sync_ops`). Where
+    CUDA is available it runs torch's own kernels over NCCL instead.
 ``flax``
-    ``flax.linen.BatchNorm(axis_name="batch")`` under ``jax.pmap`` over XLA
-    host devices; uneven local batches are padded and masked (``mask=``).
+    ``flax.linen.BatchNorm(axis_name="batch")`` under ``jax.pmap`` and
+    ``jax.shard_map`` over XLA host devices; uneven local batches are padded
+    and masked (``mask=``).
 ``keras``
     ``keras.layers.BatchNormalization(synchronized=True)`` under
     ``tf.distribute.MirroredStrategy`` over logical CPU devices.

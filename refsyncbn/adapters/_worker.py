@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..cases import read_case, write_result
@@ -24,7 +25,9 @@ def save_error(out_dir, name: str, rank: int, exc: BaseException) -> None:
     """Write ``out_dir/name/rank{rank}.error.txt``: the exception, one line."""
     path = Path(out_dir, name)
     path.mkdir(parents=True, exist_ok=True)
-    text = " ".join(str(exc).split()) or "(no message)"
+    # no machine-specific paths in reports: ".../site-packages/keras/x.py" -> "keras/x.py"
+    text = re.sub(r"/\S*/(site-packages|dist-packages)/", "", " ".join(str(exc).split()))
+    text = re.sub(r"/\S*/(refsyncbn/)", r"\1", text) or "(no message)"
     (path / f"rank{rank}.error.txt").write_text(f"{type(exc).__name__}: {text[:300]}\n")
 
 

@@ -29,8 +29,8 @@ import numpy as np
 from ..layouts import get_layout
 from ._worker import momentum_for, run_all
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "main",
-           "unsupported"]
+__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "label",
+           "main", "unsupported"]
 
 PRESET = "flax"
 #: Flax's default ``use_fast_variance=True``: ``E[x^2] - E[x]^2`` (for the error model).
@@ -48,15 +48,21 @@ _RAGGED = ("process groups of unequal sizes give wrong statistics outside the fi
            "lax.pmean divides every group's psum by one group size (jax/_src/lax/parallel.py "
            "assumes all groups are the same size; JAX rejects unequal groups only when "
            "lowering for TPU, on CPU the result is silently wrong)")
-#: Documented ways in which Flax differs from the ``flax`` preset or the oracle.
-DEVIATIONS = (
+#: Documented ways in which Flax differs from the ``flax`` preset or the oracle, each with
+#: the outputs it can explain (``None``: every output).
+DEVIATIONS = {
     "use_fast_variance=True (the default): the variance is E[x^2] - E[x]^2 in the input's "
     "precision (at least float32), so it loses digits like (|mean|/std)^2; the error model "
-    "declares variance='naive'",
-    _EMPTY,
-    _RAGGED,
-    _SUMMED,
-)
+    "declares variance='naive'": None,
+    _EMPTY: None,
+    _RAGGED: None,
+    _SUMMED: ("dweight", "dbias"),
+}
+
+
+def label() -> str:
+    """What runs: :data:`LABEL`."""
+    return LABEL
 
 
 def unsupported(case) -> str:

@@ -25,8 +25,8 @@ import numpy as np
 from ..layouts import get_layout
 from ._worker import momentum_for, run_all
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "main",
-           "unsupported"]
+__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "label",
+           "main", "unsupported"]
 
 PRESET = "keras"
 #: ``ops.moments(..., synchronized=True)`` computes ``E[x^2] - E[x]^2`` (for the error model).
@@ -37,14 +37,20 @@ _MASK = ("a mask turns synchronization off: with mask= the layer computes masked
          "the local batch only (and divides by count + 1e-7)")
 _MASK_ONE_CHANNEL = ("with mask= and a single channel the layer raises IndexError: its masked "
                      "moments end in ops.squeeze without an axis, which drops the channel axis")
-#: Documented ways in which Keras differs from the ``keras`` preset or the oracle.
-DEVIATIONS = (
+#: Documented ways in which Keras differs from the ``keras`` preset or the oracle, each with
+#: the outputs it can explain (``None``: every output).
+DEVIATIONS = {
     "the synchronized variance is E[x^2] - E[x]^2 from all-reduced sums, in the input's "
     "precision (float32 for float32), so it loses digits like (|mean|/std)^2; the error model "
-    "declares variance='naive'",
-    _MASK,
-    _MASK_ONE_CHANNEL,
-)
+    "declares variance='naive'": None,
+    _MASK: None,
+    _MASK_ONE_CHANNEL: None,
+}
+
+
+def label() -> str:
+    """What runs: :data:`LABEL`."""
+    return LABEL
 
 
 def unsupported(case) -> str:

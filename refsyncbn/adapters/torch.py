@@ -7,7 +7,9 @@ The workers (``python -m refsyncbn.adapters.torch CASES_DIR OUT_DIR`` with
 ``dist.new_group``, and run ``nn.SyncBatchNorm`` forward and backward on their
 slice of the batch.
 
-On CPU torch refuses SyncBatchNorm (its device check) and has no CPU kernels
+Where CUDA is available the workers run on ``cuda:{rank % device_count}``
+over NCCL with torch's own kernels (:func:`label` says which ran). On CPU
+torch refuses SyncBatchNorm (its device check) and has no CPU kernels
 for the five ops the autograd function calls. :func:`cpu_sync_ops` supplies
 CPU stand-ins that follow the CUDA kernels (aten/src/ATen/native/cuda/
 Normalization.cuh): per-rank mean and ``invstd`` accumulated in float32 for
@@ -35,18 +37,28 @@ from datetime import timedelta
 from ..layouts import get_layout
 from ._worker import cases_in, momentum_for, save, save_error
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "cpu_sync_ops", "known_deviation", "main", "unsupported"]
+__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "cpu_sync_ops",
+           "known_deviation", "label", "main", "unsupported"]
 
 PRESET = "torch"
 #: The variance algorithm of the kernels (for the checker's error model).
 VARIANCE = "stable"
 LABEL = ("torch.nn.SyncBatchNorm over gloo (2+ processes, loopback), "
          "CPU stand-ins for torch's CUDA sync ops")
-#: Documented ways in which torch differs from the ``torch`` preset or the oracle.
-DEVIATIONS = ()
+_CUDA_LABEL = "torch.nn.SyncBatchNorm over NCCL on CUDA devices, torch's own kernels"
+#: Documented ways in which torch differs from the ``torch`` preset or the oracle, each with
+#: the outputs it can explain (none found).
+DEVIATIONS: dict = {}
 _GROUP_TIMEOUT = timedelta(seconds=30)
 SYNC_OPS = ("batch_norm_stats", "batch_norm_gather_stats_with_counts", "batch_norm_elemt",
             "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+
+
+def label() -> str:
+    """What runs here: :data:`LABEL` on CPU, torch's own kernels where CUDA is available."""
+    import torch
+
+    return _CUDA_LABEL if torch.cuda.is_available() else LABEL
 
 
 def unsupported(case) -> str:
@@ -177,18 +189,18 @@ def _on_cpu():
             setattr(torch, name, fn)
 
 
-def _run_case(case, rank, group):
+def _run_case(case, rank, group, device):
     """This rank's outputs of ``nn.SyncBatchNorm`` on its slice of ``case``."""
     import numpy as np
     import torch
 
     shard = case.shard(rank)
     last = get_layout(case.data_format).channels_last
-    x = torch.from_numpy(np.array(shard["x"])).requires_grad_(case.dy is not None)
+    x = torch.from_numpy(np.array(shard["x"])).to(device).requires_grad_(case.dy is not None)
     dtype, c = x.dtype, case.running_mean.shape[0]
     bn = torch.nn.SyncBatchNorm(c, eps=case.eps, momentum=momentum_for(case, "update"),
                                 affine=case.weight is not None, process_group=group,
-                                dtype=dtype)
+                                device=device, dtype=dtype)
     with torch.no_grad():
         bn.running_mean.copy_(torch.from_numpy(case.running_mean))
         bn.running_var.copy_(torch.from_numpy(case.running_var))
@@ -196,16 +208,16 @@ def _run_case(case, rank, group):
             bn.weight.copy_(torch.from_numpy(case.weight))
             bn.bias.copy_(torch.from_numpy(case.bias))
     bn.train(case.training)
-    with _on_cpu():
+    with _on_cpu() if device == "cpu" else contextlib.nullcontext():
         y = bn(x.movedim(-1, 1) if last else x)
         y = y.movedim(1, -1) if last else y
         if case.dy is not None:
-            y.backward(torch.from_numpy(np.array(shard["dy"])))
-    out = {"y": y.detach().numpy(), "running_mean": bn.running_mean.numpy(),
-           "running_var": bn.running_var.numpy()}
+            y.backward(torch.from_numpy(np.array(shard["dy"])).to(device))
+    out = {"y": y.detach().cpu().numpy(), "running_mean": bn.running_mean.cpu().numpy(),
+           "running_var": bn.running_var.cpu().numpy()}
     if case.dy is not None:
         def grad(t):  # torch leaves None where the gradient is zero (an empty rank)
-            return (torch.zeros_like(t) if t.grad is None else t.grad).detach().numpy()
+            return (torch.zeros_like(t) if t.grad is None else t.grad).detach().cpu().numpy()
 
         out["dx"] = grad(x)
         if case.weight is not None:
@@ -221,7 +233,12 @@ def main(argv) -> int:
     cases_dir, out_dir = argv
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=_GROUP_TIMEOUT)
+    device = "cpu"
+    if torch.cuda.is_available():  # torch's own kernels, as in training
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device != "cpu" else "gloo", rank=rank, world_size=world,
+                            timeout=_GROUP_TIMEOUT)
     try:
         for name, case in cases_in(cases_dir):
             groups = case.groups or [list(range(case.world_size))]
@@ -229,7 +246,7 @@ def main(argv) -> int:
             mine = [pg for g, pg in zip(groups, made, strict=True) if rank in g]
             if mine:
                 try:
-                    save(out_dir, name, rank, _run_case(case, rank, mine[0]))
+                    save(out_dir, name, rank, _run_case(case, rank, mine[0], device))
                 except Exception as exc:  # the framework's verdict on this case
                     save_error(out_dir, name, rank, exc)
             dist.barrier()

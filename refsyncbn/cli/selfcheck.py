@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from .. import kernels
 from ..cases import RESULT_KEYS, Case, run_rank
 from ..comm import SimulatedWorld, default_comm, launched_by_mpiexec
 from ..comm.counting import CountingComm
@@ -223,6 +224,16 @@ def _describe_world(comm) -> str:
     return f"{comm.size} MPI rank{'s' if comm.size > 1 else ''} ({' '.join(library.split())})"
 
 
+def _offset(case) -> float:
+    """Largest ``|mean| / std`` over the channels of the case's global batch (float64)."""
+    x3 = get_layout(case.data_format).view(case.x.astype(np.float64), xp=np)
+    if case.mask is not None:
+        valid = get_layout(case.data_format).view_mask(case.mask, case.x.shape, xp=np)
+        x3 = np.where(valid, x3, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.nanmax(np.abs(np.nanmean(x3, axis=(0, 2))) / np.nanstd(x3, axis=(0, 2))))
+
+
 def _report(cases, table, where, seed, wall) -> str:
     """The human-readable report printed by rank 0."""
     lines = [f"refsyncbn selfcheck: {where}",
@@ -230,10 +241,12 @@ def _report(cases, table, where, seed, wall) -> str:
              f"error model: refsyncbn.testing.ErrorModel({MODEL.accumulation!r}, "
              f"{MODEL.variance!r}, {MODEL.summation!r}), as in `check`; "
              f"err/bound = worst |got - expected| / bound",
+             f"kernels: {kernels.select(np.empty(0)).NAME} (importable here: "
+             f"{', '.join(kernels.available())}; {kernels.ENV_VAR} chooses)",
              "",
              f"{'case':>4}  {'format':<6} {'convention':<10} {'dtype':<7} {'mode':<10} "
-             f"{'groups':<22} {'local batch per rank':<22} {'all-reduces':<13} "
-             f"{'err/bound':>9}  {'worst':<12} verdict"]
+             f"{'groups':<22} {'local batch per rank':<22} {'|mean|/std':>10} "
+             f"{'all-reduces':<13} {'err/bound':>9}  {'worst':<12} verdict"]
     worst_rank = np.argmax(np.nan_to_num(table[:, :, 0], nan=np.inf), axis=0)
     for i, case in enumerate(cases):
         row = table[worst_rank[i], i]
@@ -244,14 +257,15 @@ def _report(cases, table, where, seed, wall) -> str:
         colls = f"{int(np.max(table[:, i, 2]))} int+{int(np.max(table[:, i, 3]))} flt"
         lines.append(f"{i:>4}  {case.data_format:<6} {case.convention:<10} "
                      f"{case.x.dtype.name:<7} {mode:<10} {groups:<22} "
-                     f"{list(case.splits)!s:<22} {colls:<13} {err:>9.3g}  "
+                     f"{list(case.splits)!s:<22} {_offset(case):>10.2g} {colls:<13} {err:>9.3g}  "
                      f"{RESULT_KEYS[int(row[1])]:<12} {'ok' if ok else 'FAIL'}")
     errs = np.max(table[:, :, 0], axis=0)
     failed = int(np.sum(~(errs <= 1.0)))
     lines += ["",
-              "all-reduces per rank and case: int = error agreement (one per pass), flt = "
-              "packed statistics (one per pass); a group of one rank skips the agreement, "
-              "eval passes communicate nothing",
+              "all-reduces per rank and case: int = agreement (group creation and every pass, "
+              "eval included), flt = packed statistics (one per training pass); a group of "
+              "one rank skips the agreement; |mean|/std: the largest over the channels of "
+              "the global batch",
               f"time in the cases: {np.max(np.sum(table[:, :, 4], axis=1)):.2f} s "
               f"(slowest rank); wall time {wall:.2f} s",
               (f"FAILED: {failed} of {len(cases)} cases exceed the error bound" if failed else

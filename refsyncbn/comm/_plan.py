@@ -17,20 +17,26 @@ from __future__ import annotations
 
 __all__ = ["OWNER_MIN_BYTES", "block_width", "pack", "unpack"]
 
-OWNER_MIN_BYTES = 64 * 1024
+OWNER_MIN_BYTES = 1 << 20
 """Below this many gathered bytes (``P * k * C * 8``) one ``Allgather`` of the
-whole records is faster than two collectives (measured: docs/protocol.md)."""
+whole records was faster than two collectives (measured: docs/protocol.md)."""
 
 
 def block_width(size: int, k: int, c: int) -> int | None:
-    """Channels per owner, or ``None`` when every rank combines everything (small records).
+    """Channels per owner, or ``None`` when every rank combines everything.
+
+    Owner-computes needs 3 or more ranks (at 2 its ``(k + k_out) C`` values per
+    rank are no fewer than the all-gather's ``2 k C``) and records of at least
+    ``OWNER_MIN_BYTES`` gathered.
 
     Examples
     --------
-    >>> block_width(4, 2, 65536), block_width(4, 2, 64), block_width(4096, 3, 64)
-    (16384, None, 1)
+    >>> block_width(4, 2, 65536), block_width(4, 2, 1024), block_width(2, 2, 10**6)
+    (16384, None, None)
+    >>> block_width(4096, 3, 64)   # fewer channels than ranks: padded blocks of 1
+    1
     """
-    if size < 2 or size * k * c * 8 < OWNER_MIN_BYTES:
+    if size < 3 or size * k * c * 8 < OWNER_MIN_BYTES:
         return None
     return -(-c // size)
 

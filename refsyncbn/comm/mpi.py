@@ -16,21 +16,27 @@ float64: identical bytes on every rank in 600 of 600 trials), but at 4 ranks it
 sums ``(x0 + x1) + (x2 + x3)``, so its result already depends on the world
 layout, and Intel MPI (without ``I_MPI_CBWR``) or hierarchical collectives may
 hand different ranks different last bits. A reference implementation cannot
-rest on that, so floating-point sums are done in a FIXED ORDER:
+rest on that, so floating-point combinations are done in a FIXED ORDER:
 
-* float buffers: one ``Allgather`` of every rank's buffer, then
-  ``((b0 + b1) + b2) + ...`` in rank order on every rank — the same bytes on
-  every rank whatever the MPI library, and the same bytes as
-  :class:`~refsyncbn.comm.SimulatedWorld`;
-* integer buffers (the error-agreement table): one in-place ``Allreduce``;
-  integer sums are exact in any order.
+* ``combine`` (the functional core's data path): owner-computes on 3 or more
+  ranks for records of 1 MiB or more gathered (``_plan``): an ``Ialltoall`` hands owner ``j`` its
+  block of channels from every rank, owner ``j`` applies the rank-ordered
+  per-channel function, an ``Iallgather`` shares the parts. Each rank receives
+  about ``(k + k_out) * C`` float64 whatever ``P`` (the all-gather receives
+  ``P * k * C``). Smaller records: one ``Iallgather`` and the function on the
+  whole stack on every rank. Both give the same bytes on every rank, and the
+  same bytes as :class:`~refsyncbn.comm.SimulatedWorld`, which uses the same
+  blocks and owners;
+* float ``allreduce_sum`` (tests, checker, generic users): an ``Iallgather``
+  and ``((b0 + b1) + b2) + ...`` in rank order on every rank;
+* integer buffers (agreement, error tables): one ``Iallreduce``; integer sums
+  and minima are exact in any order.
 
-Either way it is ONE buffer-based collective per call. Cost, measured with
-MPICH 5.0 on 2 shared cores (packed buffer of 2 + 2C float64): 2 ranks,
-C = 16: 12.3 us vs 9.3 us for ``Allreduce``; C = 4096: 61 vs 49 us; 4 ranks
-(oversubscribed), C = 256: 85 vs 50 us. The gathered buffer grows with the
-number of ranks (``size * (2 + 2C) * 8`` bytes), which is small at the group
-sizes a reference runs at.
+Every collective is nonblocking and completed under the communicator's
+deadline (``timeout=``, ``REFSYNCBN_TIMEOUT``, default 600 s; see
+``_watchdog``): a rank that never arrives makes the others raise
+:class:`~refsyncbn.comm.CollectiveTimeout` instead of hanging. Measured costs:
+docs/protocol.md.
 
 Device buffers
 --------------

@@ -76,9 +76,12 @@ alternatives differ by 25 % or more, far beyond any float32 bound.
     rounded rank means shift the between-rank term by ``~ u |mean| std``).
     Beyond that: "naive", ``E[x^2] - E[x]^2``, the error per
     ``(|mean|/std)^2`` estimating its precision.
-``general``, ``empty_rank``, ``groups``, ``eval``
-    Accuracy only: NCHW with uneven splits, NHWC with an empty rank, two
-    one-rank process groups, eval mode.
+``empty_rank``
+    NHWC with rank 0 empty: "skip" when ``y`` is finite, "nan" when every
+    value is NaN (Flax, whose ``pmean`` spreads the empty device's NaN mean).
+``general``, ``groups``, ``eval``
+    Accuracy only: NCHW with uneven splits, two one-rank process groups,
+    eval mode.
 """
 
 from __future__ import annotations
@@ -634,7 +637,7 @@ def fingerprint(cases, outputs, *, global_batch=False) -> dict[str, Trait]:
     -------
     dict of str to Trait
         ``momentum_meaning``, ``running_var``, ``weighting``, ``eps_placement``,
-        ``eps_value``, ``param_grads``, ``variance`` (the module docstring
+        ``eps_value``, ``param_grads``, ``variance``, ``empty_rank`` (the module docstring
         explains each probe). A trait that matches no alternative reads
         "unrecognized" with the measurement in its evidence.
     """
@@ -643,7 +646,7 @@ def fingerprint(cases, outputs, *, global_batch=False) -> dict[str, Trait]:
         return traits
     readers = (("running_stats", _running_traits), ("weighting", _weighting_trait),
                ("eps", _eps_traits), ("param_grads", _param_grads_trait),
-               ("cancellation", _variance_trait))
+               ("cancellation", _variance_trait), ("empty_rank", _empty_rank_trait))
     for name, reader in readers:
         if name in outputs:
             with np.errstate(all="ignore"):
@@ -660,7 +663,7 @@ def fingerprint(cases, outputs, *, global_batch=False) -> dict[str, Trait]:
 
 _TRAITS_OF = {"running_stats": ("momentum_meaning", "running_var"), "weighting": ("weighting",),
               "eps": ("eps_placement", "eps_value"), "param_grads": ("param_grads",),
-              "cancellation": ("variance",)}
+              "cancellation": ("variance",), "empty_rank": ("empty_rank",)}
 
 
 def _running_traits(case, outs):
@@ -772,9 +775,18 @@ def _variance_trait(case, outs):
                   f"{evidence}; error/(|mean|/std)^2 = {u_eff:.3g}: E[x^2]-E[x]^2 in ~{like}")]
 
 
+def _empty_rank_trait(case, outs):
+    """Whether an empty rank is skipped or makes the group NaN (probe ``empty_rank``)."""
+    y = np.concatenate([_col(outs, "y", r).reshape(-1) for r in range(len(outs))])
+    value = "nan" if y.size and np.isnan(y).all() else \
+        "skip" if np.isfinite(y).all() else "unrecognized"
+    return [Trait("empty_rank", value, f"rank 0 is empty; {np.isnan(y).sum()} of {y.size} "
+                                       f"y values NaN (Flax: all; the others: none)")]
+
+
 def _presets(traits) -> tuple:
     """Presets whose every probed trait matches (eps and the variance class included)."""
-    keys = ("momentum_meaning", "running_var", "weighting", "param_grads")
+    keys = ("momentum_meaning", "running_var", "weighting", "param_grads", "empty_rank")
     got = {k: traits[k].value for k in keys if k in traits}
 
     def eps_ok(conv):

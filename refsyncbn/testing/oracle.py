@@ -85,6 +85,8 @@ def expected_outputs(case, *, param_grads=None) -> list[dict]:
             x_stat = np.where(np.concatenate(valid)[:, None], x_all, 0.0)
             mean = (om_all[:, None] * x_stat).sum(0)
             var = (om_all[:, None] * (x_stat - mean) ** 2).sum(0)
+            if conv.weighting == "equal" and conv.empty_rank == "nan" and 0 in counts:
+                mean = var = np.full_like(mean, np.nan)  # Flax: pmean of an empty mean
         else:
             mean, var = rm0, rv0
         invstd = 1.0 / np.sqrt(var + case.eps)
@@ -128,7 +130,10 @@ def _running(conv, case, rm0, rv0, mean, var, m, n) -> dict:
         batch_var = var
     else:
         k = m if conv.running_var == "unbiased_global" else n
-        batch_var = var * (k / (k - 1)) if k > 1 else var
+        if k == 1 and conv.single_value == "raise_alone":
+            batch_var = np.full_like(var, np.nan)  # PyTorch: 0 / (count - 1)
+        else:
+            batch_var = var * (k / (k - 1)) if k > 1 else var
     keep = case.momentum if conv.momentum_meaning == "retain" else 1.0 - case.momentum
     return {"running_mean": keep * rm0 + (1.0 - keep) * mean,
             "running_var": keep * rv0 + (1.0 - keep) * batch_var}

@@ -21,8 +21,9 @@ can be restricted by a parameter.
     variance 1e-6 to 1 times ``eps``: ``eps`` placement decides the answer.
 ``"one_sample"``
     every group holds ONE value per channel (variance 0; unbiased
-    corrections undefined). Excludes the ``torch`` convention, which raises
-    there, unless ``conventions`` names it.
+    corrections undefined). Excludes ``torch`` (which raises there or gives
+    a NaN running variance) and ``flax`` (whose empty devices make the group
+    NaN) unless ``conventions`` names them.
 ``"float16_overflow"``
     float16 values of magnitude 256 to ~450: every square (so every sum of
     squares) overflows float16; only a wider accumulator gets them right.
@@ -105,7 +106,7 @@ def cases(*, regime="generic", world_sizes=(1, 2, 3, 4), data_formats=DATA_FORMA
         (:data:`DTYPES`) to draw from; parameters, running statistics and
         ``dy`` take the dtype of ``x``.
     conventions : sequence of str, optional
-        Preset names; default all of them (all but ``torch`` for
+        Preset names; default all of them (all but ``torch`` and ``flax`` for
         ``"one_sample"``). The case uses the preset's ``eps`` and, at random,
         its default momentum or 0, 0.5, 1.
     affine, training, dy, mask : bool, optional
@@ -145,7 +146,7 @@ def cases(*, regime="generic", world_sizes=(1, 2, 3, 4), data_formats=DATA_FORMA
     _check_choice("data_formats", data_formats, DATA_FORMATS)
     _check_choice("dtypes", dtypes, DTYPES)
     if conventions is None:
-        conventions = [c for c in CONVENTIONS if not (regime == "one_sample" and c == "torch")]
+        conventions = [c for c in CONVENTIONS if regime != "one_sample" or _finite_alone(c)]
     _check_choice("conventions", conventions, tuple(CONVENTIONS))
     if (isinstance(world_sizes, (str, int)) or not world_sizes
             or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in world_sizes)):
@@ -174,7 +175,7 @@ def hard_cases(**kwargs):
 
     A regime the chosen ``dtypes`` cannot express (``"float16_overflow"``
     without float16) is left out, and ``"one_sample"`` never draws ``torch``
-    (which raises there; ask :func:`cases` for those explicitly).
+    or ``flax`` (raise or NaN there; ask :func:`cases` for those explicitly).
 
     Examples
     --------
@@ -187,7 +188,7 @@ def hard_cases(**kwargs):
     """
     dtypes = kwargs.get("dtypes", DTYPES)
     names = kwargs.pop("conventions", None) or list(CONVENTIONS)
-    single = [c for c in names if c != "torch"]
+    single = [c for c in names if _finite_alone(c)]
     chosen = []
     for r in HARD_REGIMES:
         if r == "float16_overflow" and "float16" not in dtypes:
@@ -197,6 +198,12 @@ def hard_cases(**kwargs):
         chosen.append(cases(regime=r, conventions=single if r == "one_sample" else names,
                             **kwargs))
     return st.one_of(chosen)
+
+
+def _finite_alone(name) -> bool:
+    """Whether one value per group gives finite results (no raise, no NaN) in ``name``."""
+    conv = get_convention(name)
+    return conv.single_value == "biased" and conv.empty_rank == "skip"
 
 
 def _check_choice(name, values, allowed):
@@ -229,7 +236,7 @@ def _cases(draw, *, regime, world_sizes, data_formats, dtypes, conventions, affi
     members = group_list or [list(range(world))]
     # Values per channel in each group: 1 in "one_sample"; at least 2 for torch
     # elsewhere (PyTorch raises on a single value); otherwise at least 1.
-    min_count = 2 if conv.single_value == "raise" and regime != "one_sample" else 1
+    min_count = 2 if conv.single_value != "biased" and regime != "one_sample" else 1
 
     huge = regime == "huge_count"
     c = draw(st.integers(1, 2 if huge else max_channels))
@@ -240,6 +247,9 @@ def _cases(draw, *, regime, world_sizes, data_formats, dtypes, conventions, affi
         side = max(1, round(max_spatial ** (1 / n_spatial))) if n_spatial else 1
         spatial = draw(st.lists(st.integers(1, side), min_size=n_spatial, max_size=n_spatial))
     inner = math.prod(spatial)
+    # An empty rank makes every statistic of an empty_rank="nan" group NaN
+    # (Flax); those conventions get none here (tests/test_conventions.py has them).
+    empty_ranks = empty_ranks and conv.empty_rank == "skip"
     splits = draw(_splits(world, members, regime, empty_ranks, max_local_batch,
                           -(-min_count // inner)))
     if huge:
@@ -257,7 +267,7 @@ def _cases(draw, *, regime, world_sizes, data_formats, dtypes, conventions, affi
     m = None
     if draw(mask):
         valid = rng.random(layout.mask_shape(shape)) < draw(st.floats(0.3, 1.0))
-        m = _ensure_valid(valid, splits, members, min_count)
+        m = _ensure_valid(valid, splits, members, min_count, every_rank=not empty_ranks)
     stat_shape = (c,)
     w = b = None
     if draw(affine):
@@ -341,10 +351,17 @@ def _values(draw, rng, regime, shape, axis, loc, scale):
     return loc + scale * z
 
 
-def _ensure_valid(valid, splits, members, min_count):
-    """``valid`` with the first positions of each group made valid up to ``min_count``."""
+def _ensure_valid(valid, splits, members, min_count, every_rank=False):
+    """``valid`` with the first positions of each group made valid up to ``min_count``.
+
+    ``every_rank``: also the first position of every rank that has rows.
+    """
     valid = valid.copy()
     starts = np.concatenate([[0], np.cumsum(splits)])
+    if every_rank:
+        for lo, hi in itertools.pairwise(starts):
+            if hi > lo and not valid[lo:hi].any():
+                valid[lo:hi].reshape(-1)[0] = True  # a view: valid is C-contiguous
     for group in members:
         rows = np.concatenate([np.arange(starts[r], starts[r + 1]) for r in group])
         flat = valid[rows].reshape(-1)

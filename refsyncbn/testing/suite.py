@@ -15,7 +15,7 @@ from .checker import check, probe_cases
 from .tolerances import ErrorModel
 
 _TRAITS = ("momentum_meaning", "running_var", "weighting", "param_grads", "eps_placement",
-           "eps_value")
+           "eps_value", "empty_rank")
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,33 @@ def _fake_namespace(cls):
     """The few array-API functions MPIComm calls on device arrays, for ``cls``."""
     return types.SimpleNamespace(
         empty=lambda shape, dtype, device: cls(np.empty(shape, dtype)),
-        asarray=lambda a, device: cls(np.asarray(a)))
+        asarray=lambda a, device: cls(np.asarray(a)),
+        concat=lambda arrays, axis: cls(np.concatenate([a._host for a in arrays], axis=axis)),
+        broadcast_to=lambda a, shape: cls(np.broadcast_to(a._host, shape)),
+        permute_dims=lambda a, axes: cls(np.transpose(a._host, axes)),
+        reshape=lambda a, shape: cls(np.reshape(a._host, shape)))
+
+
+def _ordered_fn(records, *, xp):
+    """``combine`` fn: the rank-ordered sum of the records (works on FakeGPUArray too)."""
+    total = records[0, ...]
+    for r in range(1, records.shape[0]):
+        total = total + records[r, ...]
+    return total
+
+
+def check_device_combine(v, comm, fake_xp):
+    """CUDA-aware ``combine`` hands MPI the device records on both paths (gather, owner)."""
+    from refsyncbn.comm._plan import block_width
+
+    for c in (5, 30011):  # all-gather; owner-computes (3 ranks) with a padded last block
+        rng = np.random.default_rng(c + comm.rank)
+        record = rng.standard_normal((2, c)) * 10.0 ** (4 * comm.rank)
+        want = _ordered_fn(np.stack(comm.mpi_comm.allgather(record)), xp=np)
+        got = comm.combine(FakeGPUArray(record), _ordered_fn, xp=fake_xp)
+        path = "gather" if block_width(comm.size, 2, c) is None else "owner"
+        v.expect(isinstance(got, FakeGPUArray) and got.get().tobytes() == want.tobytes(),
+                 f"pass-through combine, C = {c} ({path} path)")
 
 
 def _set_env(value):
@@ -119,6 +145,7 @@ def check_host(v):
     got = aware.allreduce_sum(FakeGPUArray(_buffer(rank)), xp=fake_xp)
     v.expect(isinstance(got, FakeGPUArray) and got.get().tobytes() == want.tobytes(),
              f"pass-through float64 gave {got!r}")
+    check_device_combine(v, aware, fake_xp)
     dev_ints = FakeGPUArray(ints.copy())
     got = aware.allreduce_sum(dev_ints, xp=fake_xp)
     v.expect(got is dev_ints and np.array_equal(got.get(), exact),
@@ -175,6 +202,11 @@ def check_fake_cupy(v, comm, want):
             got = MPIComm().allreduce_sum(FakeCupyArray(_buffer(rank)), xp=fxp)
         v.expect(not caught, f"REFSYNCBN_CUDA_AWARE_MPI=0 still warned: {caught}")
         v.expect(got.get().tobytes() == want.tobytes(), "explicitly staged CuPy result")
+        record = np.random.default_rng(rank).standard_normal((2, 30011))
+        whole = _ordered_fn(np.stack(comm.mpi_comm.allgather(record)), xp=np)
+        got = MPIComm().combine(FakeCupyArray(record), _ordered_fn, xp=fxp)
+        v.expect(isinstance(got, FakeCupyArray) and got.get().tobytes() == whole.tobytes(),
+                 "staged CuPy combine (owner-computes on host, fn on the device)")
     finally:
         del sys.modules["cupy"]
         _set_env(None)

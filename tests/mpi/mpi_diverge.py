@@ -66,6 +66,8 @@ def check_diverge(v):
         print(f"rank {rank} {name}: ValueError: {msg}", flush=True)
     y = forward(X, comm=MPIComm(timeout=20), **BASE).y  # the world still works
     v.expect(np.all(np.isfinite(y)), "valid call after the divergences")
+    v.raises(ValueError, "MPIComm: timeout is 0; expected a number of seconds > 0",
+             lambda: MPIComm(timeout=0), "timeout=0")
 
 
 def check_timeout():
@@ -95,7 +97,7 @@ def check_combine(v):
     from refsyncbn.comm._plan import block_width
 
     comm = MPIComm(timeout=60)
-    for c in (2, 7, 1003, 4099, 65536):
+    for c in (2, 7, 1003, 4099, 44000, 65536):
         rng = np.random.default_rng(c * 31 + comm.rank)
         record = np.stack([rng.standard_normal(c) * 1e8 ** comm.rank, rng.uniform(0.1, 3, c)])
         whole = np.stack(comm.mpi_comm.allgather(record))
