@@ -449,9 +449,8 @@ def _naive_record(n, record, conv, *, xp):
 def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
     """Synchronized (mean, var / 4^E, 2^E or None, global count m, omega, local count n)."""
     n, record = _local_record(x3, mask3, kern, xp=xp)
-    if comm.size == 1 and variance != "naive" and \
-            (one := _one_rank_total(record, xp=xp)) is not None:
-        total = one  # one rank: nothing to combine, no collective
+    if comm.size == 1 and variance != "naive":  # one rank: nothing to combine, no collective
+        total = combine_moments(xp.reshape(record, (1, *record.shape)), xp=xp)
     elif variance == "naive":
         total = comm.combine(_naive_record(n, record, conv, xp=xp), ordered_sum, xp=xp)
     elif conv.weighting == "count":
@@ -481,19 +480,6 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
     # E is identical on every rank (a combined value), so is this branch.
     pow2 = _pow2(total[4, :], xp=xp) if bool(xp.any(total[4, :] > 0)) else None
     return total[2, :], total[3, :], pow2, m, omega, n
-
-
-def _one_rank_total(record, *, xp):
-    """:func:`combine_moments` of one rank's non-empty, unscaled, finite record, without
-    the collective (``mean_r`` itself, ``M2_r / n_r``; either weighting), else None."""
-    n, mean, e = float(record[0, 0]), record[1, :], record[3, :]
-    if not n > 0:
-        return None
-    var = record[2, :] / n
-    # mean + var overflowing as well leaves the case to combine_moments (no harm)
-    if not bool(xp.all(xp.isfinite(mean + var) & (e == 0))):
-        return None
-    return xp.stack([record[0, :], xp.ones_like(mean), mean, var, e])
 
 
 def _combine_equal(records, *, xp):
