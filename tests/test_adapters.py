@@ -141,7 +141,9 @@ class TestKnownDeviations:
 
     def test_flax_names_empty_devices_ragged_groups_and_shard_map_sums(self):
         flax = adapters.get_adapter("flax")
-        assert "empty device gives NaN" in flax.known_deviation(self._case())
+        empty = flax.known_deviation(self._case())
+        assert "empty device's parameter gradients are NaN" in empty
+        assert flax.DEVIATIONS[empty] == ("dweight", "dbias")  # y and statistics must match
         ragged = self._case(groups=[[0, 2], [1]])
         assert "unequal sizes" in flax.known_deviation(ragged)
         full = dataclasses.replace(self._case(), splits=(2, 2, 2))

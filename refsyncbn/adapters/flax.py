@@ -38,9 +38,10 @@ VARIANCE = "naive"
 LABEL = ("flax.linen.BatchNorm(axis_name=...) over XLA host devices under jax.pmap "
          "(rows '<case>') and jax.shard_map (rows '<case>@shard_map'); uneven batches padded "
          "and masked")
-_EMPTY = ("an empty device gives NaN in its whole group: its masked E[x] is a mean over "
-          "no element (0/0) before lax.pmean, while the flax preset averages over the "
-          "non-empty devices")
+_EMPTY = ("an empty device's parameter gradients are NaN: Flax cannot hold an empty "
+          "batch, so the device carries padded rows (dy = 0, masked out) and 0 * NaN "
+          "statistics gives NaN, while the flax preset's empty device contributes exact "
+          "zeros (its NaN statistics in the whole group are modelled by the preset)")
 _SUMMED = ("under shard_map the parameter gradients are the group's sums, not the device's "
            "own: the parameters enter the mapped function replicated, and JAX transposes that "
            "broadcast into a psum (the flax preset's 'local' is pmap's behaviour)")
@@ -54,7 +55,7 @@ DEVIATIONS = {
     "use_fast_variance=True (the default): the variance is E[x^2] - E[x]^2 in the input's "
     "precision (at least float32), so it loses digits like (|mean|/std)^2; the error model "
     "declares variance='naive'": None,
-    _EMPTY: None,
+    _EMPTY: ("dweight", "dbias"),
     _RAGGED: None,
     _SUMMED: ("dweight", "dbias"),
 }
