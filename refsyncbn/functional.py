@@ -198,8 +198,9 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv, eps, momentum,
                   variance, training, xp=xp)
 
-    x3 = layout.view(x, xp=xp)
-    mask3 = None if mask is None else layout.view_mask(mask, x.shape, xp=xp)
+    shape3 = layout.canonical_shape(x.shape)
+    x3 = xp.reshape(x, shape3)
+    mask3 = None if mask is None else xp.reshape(mask, (shape3[0], 1, shape3[2]))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # documented NaN/Inf
         if training:
             mean, var_s, pow2, m, omega, n = _batch_stats(x3, mask3, conv, variance, comm,
@@ -275,7 +276,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
     reduce_params = affine and pg != "local"
     agree_backward(s.comm, error, dy, s, pg, xp=xp)
 
-    dy3 = s.layout.view(dy, xp=xp)
+    dy3 = xp.reshape(dy, s.x3.shape)  # = s.layout.view(dy)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf statistics propagate
         a, b = s.kernels.grad_sums(dy3, s.x3, s.kmean, s.kinvstd, xp=xp)  # sum dy, sum dy x_hat
         if math.prod(s.shape) == 0:  # empty sums are 0, even with NaN statistics (Flax)
@@ -413,27 +414,34 @@ def _pow2(e, *, xp):
 
 
 def _local_record(x3, mask3, kern, *, xp):
-    """This rank's ``(n, mean, M2 / 4^e, e)`` record, ``(4, C)`` float64.
+    """This rank's count ``n`` and per-channel ``mean``, ``M2 / 4^e`` and ``e`` (float64).
 
     Where a channel's data are finite but its moments are not (squares or sums
     beyond the float64 range), the moments are those of ``x / 2^e`` with
-    ``e = floor(log2 max |x|)``: exact scaling, no overflow.
+    ``e = floor(log2 max |x|)``: exact scaling, no overflow. ``e`` is ``None``
+    (all zeros) when no channel needed it. :func:`_record` stacks the record.
     """
     n = kern.count(x3, mask3, xp=xp)
     mean, m2 = kern.moments(x3, mask3, xp=xp)
-    e = xp.zeros_like(mean)
-    if not bool(xp.all(xp.isfinite(mean + m2))):
-        x = xp.abs(xp.astype(x3, xp.float64))
-        if mask3 is not None:
-            x = xp.where(mask3, x, xp.zeros_like(x))
-        top = xp.max(x, axis=(0, 2))
-        bad = xp.isfinite(top) & ~(xp.isfinite(mean) & xp.isfinite(m2))
-        e = xp.where(bad, xp.floor(_log2(top, xp=xp)), e)
-        down = _pow2(-e, xp=xp)
-        mean_s, m2_s = kern.moments(xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)),
-                                    mask3, xp=xp)
-        mean, m2 = xp.where(bad, mean_s / down, mean), xp.where(bad, m2_s, m2)
-    return n, xp.stack([xp.full_like(mean, float(n)), mean, m2, e])
+    if bool(xp.all(xp.isfinite(mean + m2))):
+        return n, mean, m2, None
+    x = xp.abs(xp.astype(x3, xp.float64))
+    if mask3 is not None:
+        x = xp.where(mask3, x, xp.zeros_like(x))
+    top = xp.max(x, axis=(0, 2))
+    bad = xp.isfinite(top) & ~(xp.isfinite(mean) & xp.isfinite(m2))
+    e = xp.where(bad, xp.floor(_log2(top, xp=xp)), xp.zeros_like(mean))
+    down = _pow2(-e, xp=xp)
+    mean_s, m2_s = kern.moments(xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)),
+                                mask3, xp=xp)
+    mean, m2 = xp.where(bad, mean_s / down, mean), xp.where(bad, m2_s, m2)
+    return n, mean, m2, e
+
+
+def _record(n, mean, m2, e, *, xp):
+    """The ``(4, C)`` record ``[n, mean, M2 / 4^e, e]`` of :func:`combine_moments`."""
+    e = xp.zeros_like(mean) if e is None else e
+    return xp.stack([xp.full_like(mean, float(n)), mean, m2, e])
 
 
 def _naive_record(n, record, conv, *, xp):
@@ -448,18 +456,21 @@ def _naive_record(n, record, conv, *, xp):
 
 def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
     """Synchronized (mean, var / 4^E, 2^E or None, global count m, omega, local count n)."""
-    n, record = _local_record(x3, mask3, kern, xp=xp)
+    n, mean, m2, e = _local_record(x3, mask3, kern, xp=xp)
+    total = None
     if comm.size == 1 and variance != "naive":  # one rank: nothing to combine, no collective
-        total = combine_moments(xp.reshape(record, (1, *record.shape)), xp=xp)
-    elif variance == "naive":
-        total = comm.combine(_naive_record(n, record, conv, xp=xp), ordered_sum, xp=xp)
-    elif conv.weighting == "count":
-        total = comm.combine(record, combine_moments, xp=xp)
+        m, big_w = n, float(n > 0)
     else:
-        total = comm.combine(record, _combine_equal, xp=xp)
-    # Counts are integer-valued float64 sums, exact below 2**53: identical on
-    # every rank, so branching on them cannot split the group.
-    m, big_w = int(total[0, 0]), float(total[1, 0])
+        record = _record(n, mean, m2, e, xp=xp)
+        if variance == "naive":
+            total = comm.combine(_naive_record(n, record, conv, xp=xp), ordered_sum, xp=xp)
+        elif conv.weighting == "count":
+            total = comm.combine(record, combine_moments, xp=xp)
+        else:
+            total = comm.combine(record, _combine_equal, xp=xp)
+        # Counts are integer-valued float64 sums, exact below 2**53: identical on
+        # every rank, so branching on them cannot split the group.
+        m, big_w = int(total[0, 0]), float(total[1, 0])
     if m == 0:
         msg = ("forward: every rank of the group passed an empty batch; batch statistics "
                "of zero elements are undefined")
@@ -477,9 +488,13 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
         mean = total[2, :] / big_w
         var = total[3, :] / big_w - mean * mean
         return mean, xp.where(var < 0, xp.zeros_like(var), var), None, m, omega, n
+    if total is None:  # one rank: combine_moments' one-rank result, (mean, M2 / n, e)
+        var, exp = m2 / n, e
+    else:
+        mean, var, exp = total[2, :], total[3, :], total[4, :]
     # E is identical on every rank (a combined value), so is this branch.
-    pow2 = _pow2(total[4, :], xp=xp) if bool(xp.any(total[4, :] > 0)) else None
-    return total[2, :], total[3, :], pow2, m, omega, n
+    pow2 = _pow2(exp, xp=xp) if exp is not None and bool(xp.any(exp > 0)) else None
+    return mean, var, pow2, m, omega, n
 
 
 def _combine_equal(records, *, xp):
