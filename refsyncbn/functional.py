@@ -573,6 +573,8 @@ def _validate_backward(dy, s, param_grads, *, xp):
 
 def _is_real(v) -> bool:
     """A real Python or NumPy scalar (bool excluded)."""
+    if type(v) is float:  # the common case, without the ABC check
+        return True
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
