@@ -60,7 +60,8 @@ class Saved:
     ``mean`` divided and ``invstd`` multiplied by an exact power of two per
     channel (see ``docs/numerics.md``);
     ``count`` is the group's element count per channel (this rank's in eval);
-    ``omega`` the weight of one of this rank's elements in the statistics.
+    ``omega`` the weight of one of this rank's elements in the statistics;
+    ``k_dy`` is ``weight * invstd``, the factor of ``dy`` in ``dx``.
     """
 
     x3: Any
@@ -74,6 +75,7 @@ class Saved:
     invstd: Any
     kmean: Any
     kinvstd: Any
+    k_dy: Any
     count: int
     omega: float
     training: bool
@@ -223,11 +225,14 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
             invstd = xp.where(xp.isfinite(var), 1.0 / xp.sqrt(var + eps), kinvstd / pow2)
             if eps > 0:  # var_s = 0: x - mean is 0 (M2 = 0), keep 0 * kinvstd finite
                 kinvstd = xp.minimum(kinvstd, xp.full_like(kinvstd, np.finfo(np.float64).max))
-        scale = kinvstd if weight is None else kinvstd * xp.astype(weight, xp.float64)
+        w64 = None if weight is None else xp.astype(weight, xp.float64)
+        scale = kinvstd if w64 is None else kinvstd * w64
+        # backward's weight * invstd: the scale itself unless the kernels see scaled data
+        k_dy = scale if kinvstd is invstd else invstd if w64 is None else w64 * invstd
     shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
     y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
     saved = Saved(kx3, mask3, tuple(x.shape), x.dtype, layout, weight, mean, var, invstd,
-                  kmean, kinvstd, m, omega, bool(training), conv, comm, kern, xp)
+                  kmean, kinvstd, k_dy, m, omega, bool(training), conv, comm, kern, xp)
     return ForwardResult(xp.reshape(y3, x.shape), saved, new_rm, new_rv)
 
 
@@ -286,13 +291,11 @@ def backward(dy, saved: Saved, *, param_grads=None):
         elif s.training or reduce_params:
             total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
             a_sum, b_sum = total[0, :], total[1, :]
-        # no weight: 1 * invstd is invstd (exactly), without the two temporaries
-        k_dy = s.invstd if not affine else xp.astype(s.weight, xp.float64) * s.invstd
         if s.training:  # x_hat * B = (x3 - kmean) * kinvstd * B
-            k_x, k_0 = k_dy * (s.kinvstd * b_sum * s.omega), k_dy * a_sum * s.omega
+            k_x, k_0 = s.k_dy * (s.kinvstd * b_sum * s.omega), s.k_dy * a_sum * s.omega
         else:
-            k_x = k_0 = xp.zeros_like(k_dy)
-    dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, k_dy, k_x, k_0, s.mask3, xp=xp,
+            k_x = k_0 = xp.zeros_like(s.k_dy)
+    dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, s.k_dy, k_x, k_0, s.mask3, xp=xp,
                                dtype=s.dtype)
     dx = xp.reshape(dx3, s.shape)
     if not affine:
