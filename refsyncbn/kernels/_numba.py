@@ -86,7 +86,7 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
     else:  # column sums folded into channels by a separate loop: inlined, it slowed the sums
         sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), mean, b)
         if b > 1:
-            sa, sb = _fold(sa, b), _fold(sb, b)
+            sa, sb = _fold(sa, sb, b)
     return sa, sb * invstd
 
 
@@ -324,12 +324,13 @@ def _grad_sums_cols(dy, x, mean, nb):
 
 
 @_jit
-def _fold(v, nb):
-    """Per-channel sums of the ``nb`` consecutive column entries of each channel, in order."""
-    out = np.zeros(v.size // nb)
-    for j in range(v.size):
-        out[j // nb] += v[j]
-    return out
+def _fold(u, v, nb):
+    """Per-channel sums of ``u`` and ``v`` over each channel's ``nb`` consecutive columns, in order."""
+    fu, fv = np.zeros(u.size // nb), np.zeros(v.size // nb)
+    for j in range(u.size):
+        fu[j // nb] += u[j]
+        fv[j // nb] += v[j]
+    return fu, fv
 
 
 @_jit
