@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
+from ._xp import compat_numpy
 from .comm.agreement import agree
 from .conventions import _CHOICES
 from .layouts import DATA_FORMATS
@@ -21,10 +24,13 @@ FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 VARIANCE_CODES = {"stable": 1, "naive": 2}
 """Codes of the variance algorithms (unknown names code 0)."""
 _VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
+_NUMPY_CODES = {np.dtype(name): i for i, name in enumerate(FLOAT_NAMES) if hasattr(np, name)}
 
 
 def dtype_code(dtype, xp) -> int:
     """Index of ``dtype`` in ``FLOAT_NAMES`` (-1 if not a supported float)."""
+    if xp is compat_numpy:  # NumPy has no bfloat16: a dict lookup, not a scan
+        return _NUMPY_CODES.get(dtype, -1)
     for i, name in enumerate(FLOAT_NAMES):
         if hasattr(xp, name) and dtype == getattr(xp, name):
             return i
@@ -34,6 +40,9 @@ def dtype_code(dtype, xp) -> int:
 def agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv, eps,
                   momentum, variance, training, *, xp):
     """Agreement of a forward pass (training or eval); raises ``error`` on this rank."""
+    if comm.size == 1:  # nothing to agree on (see ``agree``): skip building the record
+        _raise(error)
+        return
     ok = error is None
     fields = {
         "channels": layout.channels(x.shape) if ok else 0,
@@ -59,6 +68,9 @@ def reject(comm, error, op):
 
 def agree_backward(comm, error, dy, saved, param_grads, *, xp):
     """Agreement of a backward pass; raises ``error`` on this rank."""
+    if comm.size == 1:
+        _raise(error)
+        return
     ok = error is None
     fields = {
         "channels": saved.layout.channels(saved.shape),
@@ -71,6 +83,12 @@ def agree_backward(comm, error, dy, saved, param_grads, *, xp):
         "mask": saved.mask3 is not None,
     }
     agree(comm, "backward", error, fields, _describe)
+
+
+def _raise(error):
+    """Raise ``error`` unless it is None (what ``agree`` does on a one-rank communicator)."""
+    if error is not None:
+        raise error
 
 
 def _bits(value) -> int:

@@ -17,9 +17,10 @@ def namespace(*arrays):
     if not present:
         msg = "no array given: at least one array argument is needed to pick a namespace"
         raise TypeError(msg)
-    if all(type(a) is np.ndarray for a in present):  # the common case, without the lookup
-        return compat_numpy
-    return array_api_compat.array_namespace(*present)
+    for a in present:
+        if type(a) is not np.ndarray:
+            return array_api_compat.array_namespace(*present)
+    return compat_numpy  # the common case, without the lookup
 
 
 def device_of(x):

@@ -60,7 +60,8 @@ class Saved:
     ``mean`` divided and ``invstd`` multiplied by an exact power of two per
     channel (see ``docs/numerics.md``);
     ``count`` is the group's element count per channel (this rank's in eval);
-    ``omega`` the weight of one of this rank's elements in the statistics.
+    ``omega`` the weight of one of this rank's elements in the statistics;
+    ``k_dy`` is ``weight * invstd``, the factor of ``dy`` in ``dx``.
     """
 
     x3: Any
@@ -74,6 +75,7 @@ class Saved:
     invstd: Any
     kmean: Any
     kinvstd: Any
+    k_dy: Any
     count: int
     omega: float
     training: bool
@@ -198,8 +200,9 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv, eps, momentum,
                   variance, training, xp=xp)
 
-    x3 = layout.view(x, xp=xp)
-    mask3 = None if mask is None else layout.view_mask(mask, x.shape, xp=xp)
+    shape3 = layout.canonical_shape(x.shape)
+    x3 = xp.reshape(x, shape3)
+    mask3 = None if mask is None else xp.reshape(mask, (shape3[0], 1, shape3[2]))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # documented NaN/Inf
         if training:
             mean, var_s, pow2, m, omega, n = _batch_stats(x3, mask3, conv, variance, comm,
@@ -222,11 +225,14 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
             invstd = xp.where(xp.isfinite(var), 1.0 / xp.sqrt(var + eps), kinvstd / pow2)
             if eps > 0:  # var_s = 0: x - mean is 0 (M2 = 0), keep 0 * kinvstd finite
                 kinvstd = xp.minimum(kinvstd, xp.full_like(kinvstd, np.finfo(np.float64).max))
-        scale = kinvstd if weight is None else kinvstd * xp.astype(weight, xp.float64)
+        w64 = None if weight is None else xp.astype(weight, xp.float64)
+        scale = kinvstd if w64 is None else kinvstd * w64
+        # backward's weight * invstd: the scale itself unless the kernels see scaled data
+        k_dy = scale if kinvstd is invstd else invstd if w64 is None else w64 * invstd
     shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
     y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
     saved = Saved(kx3, mask3, tuple(x.shape), x.dtype, layout, weight, mean, var, invstd,
-                  kmean, kinvstd, m, omega, bool(training), conv, comm, kern, xp)
+                  kmean, kinvstd, k_dy, m, omega, bool(training), conv, comm, kern, xp)
     return ForwardResult(xp.reshape(y3, x.shape), saved, new_rm, new_rv)
 
 
@@ -275,7 +281,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
     reduce_params = affine and pg != "local"
     agree_backward(s.comm, error, dy, s, pg, xp=xp)
 
-    dy3 = s.layout.view(dy, xp=xp)
+    dy3 = xp.reshape(dy, s.x3.shape)  # = s.layout.view(dy)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf statistics propagate
         a, b = s.kernels.grad_sums(dy3, s.x3, s.kmean, s.kinvstd, xp=xp)  # sum dy, sum dy x_hat
         if math.prod(s.shape) == 0:  # empty sums are 0, even with NaN statistics (Flax)
@@ -285,13 +291,11 @@ def backward(dy, saved: Saved, *, param_grads=None):
         elif s.training or reduce_params:
             total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
             a_sum, b_sum = total[0, :], total[1, :]
-        w = xp.ones_like(s.invstd) if not affine else xp.astype(s.weight, xp.float64)
-        k_dy = w * s.invstd
         if s.training:  # x_hat * B = (x3 - kmean) * kinvstd * B
-            k_x, k_0 = k_dy * (s.kinvstd * b_sum * s.omega), k_dy * a_sum * s.omega
+            k_x, k_0 = s.k_dy * (s.kinvstd * b_sum * s.omega), s.k_dy * a_sum * s.omega
         else:
-            k_x = k_0 = xp.zeros_like(k_dy)
-    dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, k_dy, k_x, k_0, s.mask3, xp=xp,
+            k_x = k_0 = xp.zeros_like(s.k_dy)
+    dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, s.k_dy, k_x, k_0, s.mask3, xp=xp,
                                dtype=s.dtype)
     dx = xp.reshape(dx3, s.shape)
     if not affine:
@@ -413,27 +417,34 @@ def _pow2(e, *, xp):
 
 
 def _local_record(x3, mask3, kern, *, xp):
-    """This rank's ``(n, mean, M2 / 4^e, e)`` record, ``(4, C)`` float64.
+    """This rank's count ``n`` and per-channel ``mean``, ``M2 / 4^e`` and ``e`` (float64).
 
     Where a channel's data are finite but its moments are not (squares or sums
     beyond the float64 range), the moments are those of ``x / 2^e`` with
-    ``e = floor(log2 max |x|)``: exact scaling, no overflow.
+    ``e = floor(log2 max |x|)``: exact scaling, no overflow. ``e`` is ``None``
+    (all zeros) when no channel needed it. :func:`_record` stacks the record.
     """
     n = kern.count(x3, mask3, xp=xp)
     mean, m2 = kern.moments(x3, mask3, xp=xp)
-    e = xp.zeros_like(mean)
-    if not bool(xp.all(xp.isfinite(mean + m2))):
-        x = xp.abs(xp.astype(x3, xp.float64))
-        if mask3 is not None:
-            x = xp.where(mask3, x, xp.zeros_like(x))
-        top = xp.max(x, axis=(0, 2))
-        bad = xp.isfinite(top) & ~(xp.isfinite(mean) & xp.isfinite(m2))
-        e = xp.where(bad, xp.floor(_log2(top, xp=xp)), e)
-        down = _pow2(-e, xp=xp)
-        mean_s, m2_s = kern.moments(xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)),
-                                    mask3, xp=xp)
-        mean, m2 = xp.where(bad, mean_s / down, mean), xp.where(bad, m2_s, m2)
-    return n, xp.stack([xp.full_like(mean, float(n)), mean, m2, e])
+    if bool(xp.all(xp.isfinite(mean + m2))):
+        return n, mean, m2, None
+    x = xp.abs(xp.astype(x3, xp.float64))
+    if mask3 is not None:
+        x = xp.where(mask3, x, xp.zeros_like(x))
+    top = xp.max(x, axis=(0, 2))
+    bad = xp.isfinite(top) & ~(xp.isfinite(mean) & xp.isfinite(m2))
+    e = xp.where(bad, xp.floor(_log2(top, xp=xp)), xp.zeros_like(mean))
+    down = _pow2(-e, xp=xp)
+    mean_s, m2_s = kern.moments(xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)),
+                                mask3, xp=xp)
+    mean, m2 = xp.where(bad, mean_s / down, mean), xp.where(bad, m2_s, m2)
+    return n, mean, m2, e
+
+
+def _record(n, mean, m2, e, *, xp):
+    """The ``(4, C)`` record ``[n, mean, M2 / 4^e, e]`` of :func:`combine_moments`."""
+    e = xp.zeros_like(mean) if e is None else e
+    return xp.stack([xp.full_like(mean, float(n)), mean, m2, e])
 
 
 def _naive_record(n, record, conv, *, xp):
@@ -448,18 +459,21 @@ def _naive_record(n, record, conv, *, xp):
 
 def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
     """Synchronized (mean, var / 4^E, 2^E or None, global count m, omega, local count n)."""
-    n, record = _local_record(x3, mask3, kern, xp=xp)
+    n, mean, m2, e = _local_record(x3, mask3, kern, xp=xp)
+    total = None
     if comm.size == 1 and variance != "naive":  # one rank: nothing to combine, no collective
-        total = combine_moments(xp.reshape(record, (1, *record.shape)), xp=xp)
-    elif variance == "naive":
-        total = comm.combine(_naive_record(n, record, conv, xp=xp), ordered_sum, xp=xp)
-    elif conv.weighting == "count":
-        total = comm.combine(record, combine_moments, xp=xp)
+        m, big_w = n, float(n > 0)
     else:
-        total = comm.combine(record, _combine_equal, xp=xp)
-    # Counts are integer-valued float64 sums, exact below 2**53: identical on
-    # every rank, so branching on them cannot split the group.
-    m, big_w = int(total[0, 0]), float(total[1, 0])
+        record = _record(n, mean, m2, e, xp=xp)
+        if variance == "naive":
+            total = comm.combine(_naive_record(n, record, conv, xp=xp), ordered_sum, xp=xp)
+        elif conv.weighting == "count":
+            total = comm.combine(record, combine_moments, xp=xp)
+        else:
+            total = comm.combine(record, _combine_equal, xp=xp)
+        # Counts are integer-valued float64 sums, exact below 2**53: identical on
+        # every rank, so branching on them cannot split the group.
+        m, big_w = int(total[0, 0]), float(total[1, 0])
     if m == 0:
         msg = ("forward: every rank of the group passed an empty batch; batch statistics "
                "of zero elements are undefined")
@@ -477,9 +491,13 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
         mean = total[2, :] / big_w
         var = total[3, :] / big_w - mean * mean
         return mean, xp.where(var < 0, xp.zeros_like(var), var), None, m, omega, n
+    if total is None:  # one rank: combine_moments' one-rank result, (mean, M2 / n, e)
+        var, exp = m2 / n, e
+    else:
+        mean, var, exp = total[2, :], total[3, :], total[4, :]
     # E is identical on every rank (a combined value), so is this branch.
-    pow2 = _pow2(total[4, :], xp=xp) if bool(xp.any(total[4, :] > 0)) else None
-    return total[2, :], total[3, :], pow2, m, omega, n
+    pow2 = _pow2(exp, xp=xp) if exp is not None and bool(xp.any(exp > 0)) else None
+    return mean, var, pow2, m, omega, n
 
 
 def _combine_equal(records, *, xp):
@@ -558,6 +576,8 @@ def _validate_backward(dy, s, param_grads, *, xp):
 
 def _is_real(v) -> bool:
     """A real Python or NumPy scalar (bool excluded)."""
+    if type(v) is float:  # the common case, without the ABC check
+        return True
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 

@@ -44,12 +44,10 @@ class Layout:
 
     def canonical_shape(self, shape) -> tuple[int, int, int]:
         """``(A, C, B)`` for an input of ``shape`` (see the module docstring)."""
-        c = self.channels(shape)
-        spatial = [int(s) for i, s in enumerate(shape) if i not in (0, self.channel_axis)]
-        inner = math.prod(spatial)
+        dims = [int(s) for s in shape]
         if self.channels_last:
-            return (int(shape[0]) * inner, c, 1)
-        return (int(shape[0]), c, inner)
+            return (math.prod(dims[:-1]), dims[-1], 1)
+        return (dims[0], dims[1], math.prod(dims[2:]))  # channel-first: C is axis 1
 
     def mask_shape(self, shape) -> tuple[int, ...]:
         """Shape a mask must have for an input of ``shape``: ``shape`` without C."""
@@ -80,6 +78,7 @@ _CHANNEL_AXIS = {
 }
 
 DATA_FORMATS = tuple(_CHANNEL_AXIS)
+_LAYOUTS = {fmt: Layout(fmt, ndim, axis) for fmt, (ndim, axis) in _CHANNEL_AXIS.items()}
 
 
 def get_layout(data_format: str) -> Layout:
@@ -98,8 +97,7 @@ def get_layout(data_format: str) -> Layout:
     (2, 3, 20)
     """
     try:
-        ndim, axis = _CHANNEL_AXIS[data_format]
+        return _LAYOUTS[data_format]
     except (KeyError, TypeError):
         msg = f"data_format is {data_format!r}; expected one of {', '.join(DATA_FORMATS)}"
         raise ValueError(msg) from None
-    return Layout(data_format, ndim, axis)

@@ -336,3 +336,50 @@ class TestCombineMoments:
         assert (base[4] == 0).all() and (scaled[4] > 0).all()
         np.testing.assert_array_equal(scaled[2], base[2] * 2.0**k)
         np.testing.assert_array_equal(scaled[3] * 4.0 ** (scaled[4] - k), base[3])
+
+
+@pytest.mark.parametrize("data_format,shape", [("NC", (7, 3)), ("NCL", (4, 3, 5)),
+                                               ("NCHW", (2, 3, 4, 9)), ("NHWC", (2, 3, 4, 5))])
+@pytest.mark.parametrize("convention", ["reference", "torch"])
+def test_one_rank_shortcut_equals_the_general_combination(data_format, shape, convention):
+    """A one-rank call (no record, no combine) is bitwise a group whose other rank is empty.
+
+    The two-rank group takes the general path (stacked records, Chan combination in
+    ``combine_moments``, the backward sums all-reduced); with the second rank empty,
+    exact arithmetic gives the one rank's own statistics, so every output must match
+    to the bit. A shortcut dividing by the wrong count, or dropping a term, fails.
+    """
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = get_layout(data_format).channels(shape)
+    w, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    mask = rng.random(get_layout(data_format).mask_shape(shape)) < 0.7
+
+    def step(comm, x, dy, mask):
+        res = forward(x, w, b, running_mean=np.zeros(c, np.float32),
+                      running_var=np.ones(c, np.float32), data_format=data_format,
+                      convention=convention, mask=mask, comm=comm)
+        g = backward(dy, res.saved, param_grads="sum")
+        return [a.tobytes() for a in (res.y, res.running_mean, res.running_var, g.dx,
+                                      g.dweight, g.dbias)]
+
+    empty = np.zeros((0, *shape[1:]), np.float32)
+    for m in (None, mask):
+        alone = step(None, x, dy, m)
+        empty_mask = None if m is None else np.zeros((0, *m.shape[1:]), bool)
+        shards = [(x, dy, m), (empty, empty, empty_mask)]
+        group = SimulatedWorld(2).run(lambda comm, shards=shards: step(comm, *shards[comm.rank]))
+        assert alone == group[0]
+
+
+def test_forward_without_weight_is_bitwise_a_weight_of_ones():
+    """``weight=None`` and ``weight=1`` give the same bits (backward reuses forward's scale)."""
+    rng = np.random.default_rng(4)
+    x, dy = rng.standard_normal((2, 3, 4, 9)), rng.standard_normal((2, 3, 4, 9))
+    for kw in ({}, {"running_mean": np.ones(3), "running_var": np.full(3, 2.0),
+                    "training": False}):
+        got = [forward(x, w, **kw) for w in (None, np.ones(3))]
+        dx = [backward(dy, r.saved).dx for r in got]
+        assert got[0].y.tobytes() == got[1].y.tobytes()
+        assert dx[0].tobytes() == dx[1].tobytes()
