@@ -266,6 +266,22 @@ class TestSpecialValues:
 
 
 class TestSelection:
+    @pytest.mark.parametrize(("dtype", "name"), [("float32", "cupy"), ("float16", "numpy")])
+    def test_auto_sends_only_what_the_cupy_backend_supports_to_it(self, monkeypatch, dtype,
+                                                                   name):
+        # A stand-in CuPy backend (no GPU here): float16 CuPy arrays go to the generic code.
+        class FakeCupyBackend:
+            NAME = "cupy"
+
+            @staticmethod
+            def supports(x):
+                return x.dtype in (np.float32, np.float64)
+
+        monkeypatch.setitem(kernels._loaded, "cupy", FakeCupyBackend)
+        monkeypatch.setattr(kernels, "is_cupy_array", lambda x: True)
+        monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+        assert kernels.select(np.zeros(3, dtype)).NAME == name
+
     def test_every_backend_implements_the_interface(self):
         for name in kernels.available():
             mod = importlib.import_module(f"refsyncbn.kernels._{name}")

@@ -29,8 +29,8 @@ output array is computed in float64 and rounded ONCE to ``dtype``.
     mask).
 
 Selection (:func:`select`): the ``backend=`` keyword of ``forward``, else the
-``REFSYNCBN_BACKEND`` environment variable, else automatic: CuPy arrays ->
-``cupy``; NumPy float32/float64 arrays -> ``numba`` when it imports (else
+``REFSYNCBN_BACKEND`` environment variable, else automatic: CuPy
+float32/float64 arrays -> ``cupy``; NumPy float32/float64 arrays -> ``numba`` when it imports (else
 ``numpy``, with one :class:`BackendWarning`); anything else -> ``numpy``, whose
 code is generic array-API code (with cache blocking for NumPy arrays). Backends
 are imported on first use, never by ``import refsyncbn``.
@@ -70,9 +70,10 @@ def _auto(x):
     """The automatic backend for ``x`` (see the module docstring)."""
     if is_cupy_array(x):
         try:
-            return _load("cupy")
+            module = _load("cupy")
         except ImportError:
             return _load("numpy")
+        return module if module.supports(x) else _load("numpy")  # float16: generic code
     if isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64):
         try:
             return _load("numba")
