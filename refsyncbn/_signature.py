@@ -17,8 +17,14 @@ from .comm.agreement import agree
 from .conventions import _CHOICES
 from .layouts import DATA_FORMATS
 
-__all__ = ["FLOAT_NAMES", "VARIANCE_CODES", "agree_backward", "agree_forward", "dtype_code",
-           "reject"]
+__all__ = [
+    "FLOAT_NAMES",
+    "VARIANCE_CODES",
+    "agree_backward",
+    "agree_forward",
+    "dtype_code",
+    "reject",
+]
 
 FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 VARIANCE_CODES = {"stable": 1, "naive": 2}
@@ -37,8 +43,23 @@ def dtype_code(dtype, xp) -> int:
     return -1
 
 
-def agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv, eps,
-                  momentum, variance, training, *, xp):
+def agree_forward(
+    comm,
+    error,
+    x,
+    weight,
+    bias,
+    running_mean,
+    mask,
+    layout,
+    conv,
+    eps,
+    momentum,
+    variance,
+    training,
+    *,
+    xp,
+):
     """Agreement of a forward pass (training or eval); raises ``error`` on this rank."""
     if comm.size == 1:  # nothing to agree on (see ``agree``): skip building the record
         _raise(error)
@@ -106,6 +127,10 @@ def _describe(field, code) -> str:
         return f"{field} {'given' if code else 'None'}"
     if field == "variance":
         return f"variance {_VARIANCE_NAMES.get(code, 'unsupported')}"
-    names = {"dtype": FLOAT_NAMES, "data_format": DATA_FORMATS, "training": ("False", "True"),
-             **_CHOICES}[field]
+    names = {
+        "dtype": FLOAT_NAMES,
+        "data_format": DATA_FORMATS,
+        "training": ("False", "True"),
+        **_CHOICES,
+    }[field]
     return f"{field} {names[code] if 0 <= code < len(names) else 'unsupported'}"

@@ -43,8 +43,16 @@ from .conventions import CONVENTIONS
 from .functional import VARIANCE_ALGORITHMS, backward, forward
 from .layouts import DATA_FORMATS, get_layout
 
-__all__ = ["RESULT_KEYS", "SCHEMA", "Case", "read_case", "read_result", "run_rank", "write_case",
-           "write_result"]
+__all__ = [
+    "RESULT_KEYS",
+    "SCHEMA",
+    "Case",
+    "read_case",
+    "read_result",
+    "run_rank",
+    "write_case",
+    "write_result",
+]
 
 SCHEMA = "refsyncbn case v1"
 RESULT_KEYS = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
@@ -86,8 +94,11 @@ class Case:
     def shard(self, rank: int) -> dict:
         """``rank``'s local ``x`` (and ``dy``, ``mask`` when present)."""
         start, stop = self.bounds(rank)
-        return {k: getattr(self, k)[start:stop] for k in ("x", "dy", "mask")
-                if getattr(self, k) is not None}
+        return {
+            k: getattr(self, k)[start:stop]
+            for k in ("x", "dy", "mask")
+            if getattr(self, k) is not None
+        }
 
     def group_of(self, rank: int) -> list[int]:
         """World ranks of the group holding ``rank``."""
@@ -98,11 +109,19 @@ class Case:
 
 def write_case(path, case: Case) -> None:
     """Write ``case`` to ``path`` (an ``.npz`` file) in schema v1."""
-    arrays = {"schema": np.str_(SCHEMA), "x": case.x, "running_mean": case.running_mean,
-              "running_var": case.running_var, "splits": np.asarray(case.splits, np.int64),
-              "eps": np.float64(case.eps), "momentum": np.float64(case.momentum),
-              "data_format": np.str_(case.data_format), "convention": np.str_(case.convention),
-              "training": np.bool_(case.training), "variance": np.str_(case.variance)}
+    arrays = {
+        "schema": np.str_(SCHEMA),
+        "x": case.x,
+        "running_mean": case.running_mean,
+        "running_var": case.running_var,
+        "splits": np.asarray(case.splits, np.int64),
+        "eps": np.float64(case.eps),
+        "momentum": np.float64(case.momentum),
+        "data_format": np.str_(case.data_format),
+        "convention": np.str_(case.convention),
+        "training": np.bool_(case.training),
+        "variance": np.str_(case.variance),
+    }
     arrays.update({k: getattr(case, k) for k in _OPTIONAL_ARRAYS if getattr(case, k) is not None})
     if case.groups is not None:
         width = max(len(g) for g in case.groups)
@@ -126,7 +145,9 @@ def read_case(path) -> Case:
         raise ValueError(msg)
     for key in ("x", "running_mean", "running_var", "splits"):
         if key not in data:
-            msg = f"{path}: key {key!r} is missing; a case needs x, running_mean, running_var, splits"
+            msg = (
+                f"{path}: key {key!r} is missing; a case needs x, running_mean, running_var, splits"
+            )
             raise ValueError(msg)
     groups = data.pop("groups", None)
     if groups is not None:
@@ -134,14 +155,23 @@ def read_case(path) -> Case:
             msg = f"{path}: key 'groups' has shape {groups.shape}; expected a 2-D int array"
             raise ValueError(msg)
         groups = [[int(r) for r in row if r >= 0] for row in groups]
-    kwargs = {k: data.pop(k) for k in ("x", "running_mean", "running_var", *_OPTIONAL_ARRAYS)
-              if k in data}
-    scalars = {"eps": float, "momentum": float, "data_format": str, "convention": str,
-               "training": bool, "variance": str}
+    kwargs = {
+        k: data.pop(k) for k in ("x", "running_mean", "running_var", *_OPTIONAL_ARRAYS) if k in data
+    }
+    scalars = {
+        "eps": float,
+        "momentum": float,
+        "data_format": str,
+        "convention": str,
+        "training": bool,
+        "variance": str,
+    }
     kwargs.update({k: conv(data.pop(k)[()]) for k, conv in scalars.items() if k in data})
     splits = data.pop("splits")
     if splits.ndim != 1 or not np.issubdtype(splits.dtype, np.integer):
-        msg = f"{path}: key 'splits' has shape {splits.shape}, dtype {splits.dtype}; expected 1-D int"
+        msg = (
+            f"{path}: key 'splits' has shape {splits.shape}, dtype {splits.dtype}; expected 1-D int"
+        )
         raise ValueError(msg)
     if data:
         msg = f"{path}: unknown key(s) {sorted(data)}; schema v1 has no such keys"
@@ -206,8 +236,10 @@ def _check(case: Case) -> None:
         raise ValueError(msg)
     layout = get_layout(case.data_format)
     if case.x.ndim != layout.ndim:
-        msg = (f"key 'x' has shape {case.x.shape}; expected {layout.ndim}-D for data_format "
-               f"{case.data_format!r}")
+        msg = (
+            f"key 'x' has shape {case.x.shape}; expected {layout.ndim}-D for data_format "
+            f"{case.data_format!r}"
+        )
         raise ValueError(msg)
     c = layout.channels(case.x.shape)
     for key in ("weight", "bias", "running_mean", "running_var"):
@@ -225,8 +257,10 @@ def _check(case: Case) -> None:
         msg = f"key 'mask' has shape {case.mask.shape}; expected {layout.mask_shape(case.x.shape)}"
         raise ValueError(msg)
     if not case.splits or any(s < 0 for s in case.splits) or sum(case.splits) != case.x.shape[0]:
-        msg = (f"key 'splits' is {list(case.splits)}; expected W >= 1 non-negative local batch "
-               f"sizes summing to x.shape[0] = {case.x.shape[0]}")
+        msg = (
+            f"key 'splits' is {list(case.splits)}; expected W >= 1 non-negative local batch "
+            f"sizes summing to x.shape[0] = {case.x.shape[0]}"
+        )
         raise ValueError(msg)
     if case.groups is not None:
         try:
@@ -235,13 +269,16 @@ def _check(case: Case) -> None:
             raise ValueError(f"key 'groups': {exc}") from None
         covered = sorted(r for g in groups for r in g)
         if covered != list(range(case.world_size)):
-            msg = (f"key 'groups' is {case.groups}; expected every rank of the world "
-                   f"(0..{case.world_size - 1}) in exactly one group")
+            msg = (
+                f"key 'groups' is {case.groups}; expected every rank of the world "
+                f"(0..{case.world_size - 1}) in exactly one group"
+            )
             raise ValueError(msg)
 
 
-def run_rank(case, comm, *, param_grads="local", variance=None, convert=None,
-             statistics=False) -> dict:
+def run_rank(
+    case, comm, *, param_grads="local", variance=None, convert=None, statistics=False
+) -> dict:
     """Run ``case`` on the calling rank of ``comm``; what ``rank{r}.npz`` holds.
 
     Collective over ``comm``, the WORLD communicator of the case (its size is
@@ -296,9 +333,11 @@ def run_rank(case, comm, *, param_grads="local", variance=None, convert=None,
     array([0.5, 0.6])
     """
     if comm.size != case.world_size:
-        msg = (f"the case has splits for {case.world_size} ranks but the world has "
-               f"{comm.size}; run it on {case.world_size} ranks (mpiexec -n {case.world_size}, "
-               f"or --world {case.world_size})")
+        msg = (
+            f"the case has splits for {case.world_size} ranks but the world has "
+            f"{comm.size}; run it on {case.world_size} ranks (mpiexec -n {case.world_size}, "
+            f"or --world {case.world_size})"
+        )
         raise ValueError(msg)
 
     def conv(a):
@@ -307,14 +346,30 @@ def run_rank(case, comm, *, param_grads="local", variance=None, convert=None,
     shard = {k: conv(v) for k, v in case.shard(comm.rank).items()}
     group = group_comm(comm, case.groups)
     try:
-        res = forward(shard["x"], conv(case.weight), conv(case.bias),
-                      running_mean=conv(case.running_mean), running_var=conv(case.running_var),
-                      training=case.training, eps=case.eps, momentum=case.momentum,
-                      data_format=case.data_format, convention=case.convention,
-                      variance=case.variance if variance is None else variance,
-                      mask=shard.get("mask"), comm=group, xp=np if convert is None else None)
-        out = {"y": res.y, "running_mean": res.running_mean, "running_var": res.running_var,
-               "dx": None, "dweight": None, "dbias": None}
+        res = forward(
+            shard["x"],
+            conv(case.weight),
+            conv(case.bias),
+            running_mean=conv(case.running_mean),
+            running_var=conv(case.running_var),
+            training=case.training,
+            eps=case.eps,
+            momentum=case.momentum,
+            data_format=case.data_format,
+            convention=case.convention,
+            variance=case.variance if variance is None else variance,
+            mask=shard.get("mask"),
+            comm=group,
+            xp=np if convert is None else None,
+        )
+        out = {
+            "y": res.y,
+            "running_mean": res.running_mean,
+            "running_var": res.running_var,
+            "dx": None,
+            "dweight": None,
+            "dbias": None,
+        }
         if statistics:
             out.update(mean=res.saved.mean, var=res.saved.var)
         if case.dy is not None:

@@ -114,8 +114,9 @@ REFERENCE = Convention("reference", 0.9, "retain", "biased", "count", 1e-5)
 """The seed documents' rule: ``rv = rv * 0.9 + var * 0.1``, biased
 running variance, exact count weighting, eps 1e-5, local parameter gradients."""
 
-TORCH = Convention("torch", 0.1, "update", "unbiased_global", "count", 1e-5,
-                   single_value="raise_alone")
+TORCH = Convention(
+    "torch", 0.1, "update", "unbiased_global", "count", 1e-5, single_value="raise_alone"
+)
 """PyTorch ``nn.SyncBatchNorm`` (torch/nn/modules/_functions.py): per-rank
 (mean, invstd, count) merged by count (empty ranks contribute nothing),
 ``running = (1 - m) * running + m * batch`` with m = 0.1, running variance
@@ -169,6 +170,8 @@ def get_convention(convention) -> Convention:
     try:
         return CONVENTIONS[convention]
     except (KeyError, TypeError):
-        msg = (f"convention is {convention!r}; expected a Convention or one of "
-               f"{', '.join(CONVENTIONS)}")
+        msg = (
+            f"convention is {convention!r}; expected a Convention or one of "
+            f"{', '.join(CONVENTIONS)}"
+        )
         raise ValueError(msg) from None

@@ -41,8 +41,16 @@ from .comm.local import LocalComm
 from .conventions import REFERENCE, Convention, get_convention
 from .layouts import Layout, get_layout
 
-__all__ = ["VARIANCE_ALGORITHMS", "ForwardResult", "Grads", "Saved", "backward", "combine_moments",
-           "forward", "ordered_sum"]
+__all__ = [
+    "VARIANCE_ALGORITHMS",
+    "ForwardResult",
+    "Grads",
+    "Saved",
+    "backward",
+    "combine_moments",
+    "forward",
+    "ordered_sum",
+]
 
 VARIANCE_ALGORITHMS = ("stable", "naive")
 _PARAM_GRADS = ("local", "sum", "mean")
@@ -104,9 +112,24 @@ class Grads:
     dbias: Any
 
 
-def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-            training=True, eps=None, momentum=None, data_format="NCHW",
-            convention=REFERENCE, variance="stable", mask=None, comm=None, backend=None, xp=None):
+def forward(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    eps=None,
+    momentum=None,
+    data_format="NCHW",
+    convention=REFERENCE,
+    variance="stable",
+    mask=None,
+    comm=None,
+    backend=None,
+    xp=None,
+):
     """Synchronized batch-norm forward pass over the ranks of ``comm``.
 
     Parameters
@@ -189,27 +212,55 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
     eps = conv.eps if eps is None else eps
     momentum = conv.momentum if momentum is None else momentum
 
-    error = _validate_forward(x, weight, bias, running_mean, running_var, mask, layout,
-                              eps, momentum, training, variance, xp=xp)
+    error = _validate_forward(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        mask,
+        layout,
+        eps,
+        momentum,
+        training,
+        variance,
+        xp=xp,
+    )
     kern = None
     if error is None:
         try:
             kern = kernels.select(x, backend)
         except (ValueError, TypeError) as err:
             error = err
-    agree_forward(comm, error, x, weight, bias, running_mean, mask, layout, conv, eps, momentum,
-                  variance, training, xp=xp)
+    agree_forward(
+        comm,
+        error,
+        x,
+        weight,
+        bias,
+        running_mean,
+        mask,
+        layout,
+        conv,
+        eps,
+        momentum,
+        variance,
+        training,
+        xp=xp,
+    )
 
     shape3 = layout.canonical_shape(x.shape)
     x3 = xp.reshape(x, shape3)
     mask3 = None if mask is None else xp.reshape(mask, (shape3[0], 1, shape3[2]))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # documented NaN/Inf
         if training:
-            mean, var_s, pow2, m, omega, n = _batch_stats(x3, mask3, conv, variance, comm,
-                                                          kern, xp=xp)
+            mean, var_s, pow2, m, omega, n = _batch_stats(
+                x3, mask3, conv, variance, comm, kern, xp=xp
+            )
             var = var_s if pow2 is None else var_s * pow2 * pow2  # may overflow: documented
-            new_rm, new_rv = _update_running(running_mean, running_var, mean, var, m, n,
-                                             conv, momentum, xp=xp)
+            new_rm, new_rv = _update_running(
+                running_mean, running_var, mean, var, m, n, conv, momentum, xp=xp
+            )
         else:
             mean = xp.astype(running_mean, xp.float64)
             var, pow2 = xp.astype(running_var, xp.float64), None
@@ -231,8 +282,27 @@ def forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
         k_dy = scale if kinvstd is invstd else invstd if w64 is None else w64 * invstd
     shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
     y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
-    saved = Saved(kx3, mask3, tuple(x.shape), x.dtype, layout, weight, mean, var, invstd,
-                  kmean, kinvstd, k_dy, m, omega, bool(training), conv, comm, kern, xp)
+    saved = Saved(
+        kx3,
+        mask3,
+        tuple(x.shape),
+        x.dtype,
+        layout,
+        weight,
+        mean,
+        var,
+        invstd,
+        kmean,
+        kinvstd,
+        k_dy,
+        m,
+        omega,
+        bool(training),
+        conv,
+        comm,
+        kern,
+        xp,
+    )
     return ForwardResult(xp.reshape(y3, x.shape), saved, new_rm, new_rv)
 
 
@@ -295,8 +365,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
             k_x, k_0 = s.k_dy * (s.kinvstd * b_sum * s.omega), s.k_dy * a_sum * s.omega
         else:
             k_x = k_0 = xp.zeros_like(s.k_dy)
-    dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, s.k_dy, k_x, k_0, s.mask3, xp=xp,
-                               dtype=s.dtype)
+    dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, s.k_dy, k_x, k_0, s.mask3, xp=xp, dtype=s.dtype)
     dx = xp.reshape(dx3, s.shape)
     if not affine:
         return Grads(dx, None, None)
@@ -389,8 +458,10 @@ def combine_moments(records, *, xp, weighting="count"):
         # rank scaled or the plain result overflowed; elsewhere E = 0 is exact
         need = xp.any(e != 0, axis=0) | ~xp.isfinite(mean + var)
         if bool(xp.any(need)):
-            exp = xp.max(xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)),
-                                    _log2(m2, xp=xp) / 2 + e), axis=0)
+            exp = xp.max(
+                xp.maximum(xp.maximum(e, _log2(xp.abs(mu), xp=xp)), _log2(m2, xp=xp) / 2 + e),
+                axis=0,
+            )
             exp = xp.where(need, xp.clip(xp.ceil(exp), 0, 1023), xp.zeros_like(exp))
             down = _pow2(-exp, xp=xp)
             mean_s, var = _chan(w, mu * down, q * _pow2(2 * (e - exp), xp=xp), big_w, xp=xp)
@@ -407,7 +478,7 @@ def _chan(w, mu, q, big_w, *, xp):
 
 def _log2(v, *, xp):
     """``log2(v)`` for finite ``v > 0``; -1022 for 0 and tiny values, 0 for Inf/NaN."""
-    tiny = xp.full_like(v, 2.0 ** -1022)
+    tiny = xp.full_like(v, 2.0**-1022)
     return xp.where(xp.isfinite(v), xp.log2(xp.maximum(v, tiny)), xp.zeros_like(v))
 
 
@@ -435,8 +506,9 @@ def _local_record(x3, mask3, kern, *, xp):
     bad = xp.isfinite(top) & ~(xp.isfinite(mean) & xp.isfinite(m2))
     e = xp.where(bad, xp.floor(_log2(top, xp=xp)), xp.zeros_like(mean))
     down = _pow2(-e, xp=xp)
-    mean_s, m2_s = kern.moments(xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)),
-                                mask3, xp=xp)
+    mean_s, m2_s = kern.moments(
+        xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)), mask3, xp=xp
+    )
     mean, m2 = xp.where(bad, mean_s / down, mean), xp.where(bad, m2_s, m2)
     return n, mean, m2, e
 
@@ -450,11 +522,13 @@ def _record(n, mean, m2, e, *, xp):
 def _naive_record(n, record, conv, *, xp):
     """``[n, weight, S, Q]`` of the ``naive`` emulation (``E[x^2] - E[x]^2``)."""
     mean, m2 = record[1, :], record[2, :]
-    weight_r, scale_r = (float(n), 1.0) if conv.weighting == "count" else \
-        (float(n > 0), 1.0 / n if n else 0.0)
+    weight_r, scale_r = (
+        (float(n), 1.0) if conv.weighting == "count" else (float(n > 0), 1.0 / n if n else 0.0)
+    )
     s = mean * n
-    return xp.stack([record[0, :], xp.full_like(mean, weight_r), s * scale_r,
-                     (m2 + s * mean) * scale_r])
+    return xp.stack(
+        [record[0, :], xp.full_like(mean, weight_r), s * scale_r, (m2 + s * mean) * scale_r]
+    )
 
 
 def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
@@ -475,13 +549,18 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
         # every rank, so branching on them cannot split the group.
         m, big_w = int(total[0, 0]), float(total[1, 0])
     if m == 0:
-        msg = ("forward: every rank of the group passed an empty batch; batch statistics "
-               "of zero elements are undefined")
+        msg = (
+            "forward: every rank of the group passed an empty batch; batch statistics "
+            "of zero elements are undefined"
+        )
         raise ValueError(msg)
-    if m == 1 and (conv.single_value == "raise"
-                   or (conv.single_value == "raise_alone" and comm.size < 2)):
-        msg = (f"Expected more than 1 value per channel when training, got a global count "
-               f"of 1 per channel (convention {conv.name!r})")
+    if m == 1 and (
+        conv.single_value == "raise" or (conv.single_value == "raise_alone" and comm.size < 2)
+    ):
+        msg = (
+            f"Expected more than 1 value per channel when training, got a global count "
+            f"of 1 per channel (convention {conv.name!r})"
+        )
         raise ValueError(msg)
     omega = 1.0 / m if conv.weighting == "count" else 1.0 / (n * big_w) if n else 0.0
     if conv.weighting == "equal" and conv.empty_rank == "nan" and big_w < comm.size:
@@ -522,38 +601,66 @@ def _update_running(running_mean, running_var, mean, var, m, n, conv, momentum, 
     return xp.astype(rm, running_mean.dtype), xp.astype(rv, running_var.dtype)
 
 
-def _validate_forward(x, weight, bias, running_mean, running_var, mask, layout, eps,
-                      momentum, training, variance, *, xp):
+def _validate_forward(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    mask,
+    layout,
+    eps,
+    momentum,
+    training,
+    variance,
+    *,
+    xp,
+):
     """This rank's first problem with its forward arguments, or None."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         return TypeError(f"x is a {type(x).__name__}; expected an array")
     if x.ndim != layout.ndim:
-        return ValueError(f"x has shape {tuple(x.shape)} ({x.ndim}-D); expected a "
-                          f"{layout.ndim}-D array for data_format {layout.data_format!r}")
+        return ValueError(
+            f"x has shape {tuple(x.shape)} ({x.ndim}-D); expected a "
+            f"{layout.ndim}-D array for data_format {layout.data_format!r}"
+        )
     if _dtype_code(x.dtype, xp) < 0:
-        return TypeError(f"x has dtype {x.dtype}; expected a real floating dtype "
-                         f"({', '.join(_FLOAT_NAMES)})")
+        return TypeError(
+            f"x has dtype {x.dtype}; expected a real floating dtype ({', '.join(_FLOAT_NAMES)})"
+        )
     c = layout.channels(x.shape)
     if c < 1:
-        return ValueError(f"x has shape {tuple(x.shape)}; expected at least one channel on "
-                          f"axis {layout.channel_axis} of data_format {layout.data_format!r}")
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+        return ValueError(
+            f"x has shape {tuple(x.shape)}; expected at least one channel on "
+            f"axis {layout.channel_axis} of data_format {layout.data_format!r}"
+        )
+    for name, v in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if v is not None and tuple(v.shape) != (c,):
-            return ValueError(f"{name} has shape {tuple(v.shape)}; expected ({c},) for {c} "
-                              f"channels on axis {layout.channel_axis} of data_format "
-                              f"{layout.data_format!r}")
+            return ValueError(
+                f"{name} has shape {tuple(v.shape)}; expected ({c},) for {c} "
+                f"channels on axis {layout.channel_axis} of data_format "
+                f"{layout.data_format!r}"
+            )
     if (running_mean is None) != (running_var is None):
         return ValueError("running_mean and running_var must be given together or both be None")
     if not training and running_mean is None:
-        return ValueError("training is False but running_mean/running_var are None; eval "
-                          "normalizes with running statistics, so pass them")
+        return ValueError(
+            "training is False but running_mean/running_var are None; eval "
+            "normalizes with running statistics, so pass them"
+        )
     if mask is not None:
         expected = layout.mask_shape(x.shape)
         if tuple(mask.shape) != expected or mask.dtype != xp.bool:
-            return ValueError(f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
-                              f"expected a bool array of shape {expected} (x without its "
-                              f"channel axis)")
+            return ValueError(
+                f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
+                f"expected a bool array of shape {expected} (x without its "
+                f"channel axis)"
+            )
     scalar_error = eps_error(eps) or momentum_error(momentum)
     if scalar_error is not None:
         return scalar_error

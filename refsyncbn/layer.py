@@ -39,8 +39,21 @@ _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tra
 class _BatchNormBase:
     """Shared state and logic; subclasses choose the communicator and the hooks."""
 
-    def __init__(self, num_features, *, eps, momentum, affine, data_format, convention, comm,
-                 track_running_stats=True, dtype=None, xp=None, device=None):
+    def __init__(
+        self,
+        num_features,
+        *,
+        eps,
+        momentum,
+        affine,
+        data_format,
+        convention,
+        comm,
+        track_running_stats=True,
+        dtype=None,
+        xp=None,
+        device=None,
+    ):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             msg = f"num_features is {num_features!r}; expected an int >= 1 (the channel count C)"
             raise TypeError(msg)
@@ -60,6 +73,7 @@ class _BatchNormBase:
         xp = np if xp is None else xp
         dtype = xp.float32 if dtype is None else dtype
         c = self.num_features
+
         def ones():
             return xp.ones(c, dtype=dtype, device=device)
 
@@ -137,8 +151,10 @@ class _BatchNormBase:
         sparse = None
         if isinstance(x, SparseCooTensor):
             if mask is not None:
-                msg = ("mask must be None for a SparseCooTensor input: its stored sites are the "
-                       "valid ones")
+                msg = (
+                    "mask must be None for a SparseCooTensor input: its stored sites are the "
+                    "valid ones"
+                )
                 raise ValueError(msg)
             sparse, x, data_format = x, x.values, "NC"
         else:
@@ -147,9 +163,19 @@ class _BatchNormBase:
         step = self.num_batches_tracked + 1 if update else None
         momentum = self._momentum_for(step) if update else self.convention.momentum
         res = functional.forward(
-            x, self.weight, self.bias, running_mean=self.running_mean,
-            running_var=self.running_var, training=use_batch, eps=self.eps, momentum=momentum,
-            data_format=data_format, convention=self.convention, mask=mask, comm=self.comm)
+            x,
+            self.weight,
+            self.bias,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            training=use_batch,
+            eps=self.eps,
+            momentum=momentum,
+            data_format=data_format,
+            convention=self.convention,
+            mask=mask,
+            comm=self.comm,
+        )
         if update:
             self.running_mean, self.running_var = res.running_mean, res.running_var
             self.num_batches_tracked = step
@@ -182,8 +208,10 @@ class _BatchNormBase:
             raise RuntimeError(msg)
         if self._sparse is not None:
             if not isinstance(dy, SparseCooTensor):
-                msg = (f"dy is a {type(dy).__name__}; expected a SparseCooTensor like the last "
-                       f"forward's input")
+                msg = (
+                    f"dy is a {type(dy).__name__}; expected a SparseCooTensor like the last "
+                    f"forward's input"
+                )
                 raise TypeError(msg)
             dy = dy.values
         grads = functional.backward(dy, self._saved)
@@ -207,8 +235,10 @@ class _BatchNormBase:
         expected = set(self.state_dict())
         missing, unexpected = expected - set(state_dict), set(state_dict) - expected
         if strict and (missing or unexpected):
-            msg = (f"state_dict: missing keys {sorted(missing)}, unexpected keys "
-                   f"{sorted(unexpected)}; this layer holds {sorted(expected)}")
+            msg = (
+                f"state_dict: missing keys {sorted(missing)}, unexpected keys "
+                f"{sorted(unexpected)}; this layer holds {sorted(expected)}"
+            )
             raise ValueError(msg)
         updates = {}
         for key in expected & set(state_dict):
@@ -216,8 +246,10 @@ class _BatchNormBase:
             if key == "num_batches_tracked":
                 value = int(np.asarray(to_numpy(value) if hasattr(value, "shape") else value))
             elif tuple(value.shape) != (self.num_features,):
-                msg = (f"state_dict[{key!r}] has shape {tuple(value.shape)}; expected "
-                       f"({self.num_features},) for num_features={self.num_features}")
+                msg = (
+                    f"state_dict[{key!r}] has shape {tuple(value.shape)}; expected "
+                    f"({self.num_features},) for num_features={self.num_features}"
+                )
                 raise ValueError(msg)
             updates[key] = value
         for key, value in updates.items():
@@ -225,8 +257,13 @@ class _BatchNormBase:
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` as ``.npz`` (host copies)."""
-        np.savez(path, **{k: np.asarray(to_numpy(v) if hasattr(v, "shape") else v)
-                          for k, v in self.state_dict().items()})
+        np.savez(
+            path,
+            **{
+                k: np.asarray(to_numpy(v) if hasattr(v, "shape") else v)
+                for k, v in self.state_dict().items()
+            },
+        )
 
     def load(self, path, strict=True):
         """Load a :meth:`save` file; arrays go to the namespace and device of the current ones."""
@@ -248,8 +285,10 @@ class _BatchNormBase:
         self.training = other.training
 
     def __repr__(self):
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
-                f"momentum={self.momentum}, convention={self.convention.name!r})")
+        return (
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+            f"momentum={self.momentum}, convention={self.convention.name!r})"
+        )
 
 
 class BatchNorm(_BatchNormBase):
@@ -267,13 +306,33 @@ class BatchNorm(_BatchNormBase):
            [ 1.,  1.]])
     """
 
-    def __init__(self, num_features, eps=None, momentum=None, affine=True, data_format="NCHW",
-                 convention="reference", *, track_running_stats=True, dtype=None, xp=None,
-                 device=None):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         data_format=data_format, convention=convention, comm=LocalComm(),
-                         track_running_stats=track_running_stats, dtype=dtype, xp=xp,
-                         device=device)
+    def __init__(
+        self,
+        num_features,
+        eps=None,
+        momentum=None,
+        affine=True,
+        data_format="NCHW",
+        convention="reference",
+        *,
+        track_running_stats=True,
+        dtype=None,
+        xp=None,
+        device=None,
+    ):
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            data_format=data_format,
+            convention=convention,
+            comm=LocalComm(),
+            track_running_stats=track_running_stats,
+            dtype=dtype,
+            xp=xp,
+            device=device,
+        )
 
 
 class SyncBatchNorm(_BatchNormBase):
@@ -319,15 +378,36 @@ class SyncBatchNorm(_BatchNormBase):
     array([0.3], dtype=float32)
     """
 
-    def __init__(self, num_features, eps=None, momentum=None, affine=True, data_format="NCHW",
-                 convention="reference", process_groups=None, comm=None, *,
-                 track_running_stats=True, dtype=None, xp=None, device=None):
+    def __init__(
+        self,
+        num_features,
+        eps=None,
+        momentum=None,
+        affine=True,
+        data_format="NCHW",
+        convention="reference",
+        process_groups=None,
+        comm=None,
+        *,
+        track_running_stats=True,
+        dtype=None,
+        xp=None,
+        device=None,
+    ):
         comm = default_comm() if comm is None else comm
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         data_format=data_format, convention=convention,
-                         comm=group_comm(comm, process_groups),
-                         track_running_stats=track_running_stats, dtype=dtype, xp=xp,
-                         device=device)
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            data_format=data_format,
+            convention=convention,
+            comm=group_comm(comm, process_groups),
+            track_running_stats=track_running_stats,
+            dtype=dtype,
+            xp=xp,
+            device=device,
+        )
 
 
 class Sequential:
@@ -407,9 +487,16 @@ def convert_sync_batchnorm(model, *, comm=None, process_groups=None):
     comm = group_comm(default_comm() if comm is None else comm, process_groups)
 
     def convert(layer):
-        new = SyncBatchNorm(layer.num_features, layer.eps, layer.momentum, layer.affine,
-                            layer.data_format, layer.convention, comm=comm,
-                            track_running_stats=layer.track_running_stats)
+        new = SyncBatchNorm(
+            layer.num_features,
+            layer.eps,
+            layer.momentum,
+            layer.affine,
+            layer.data_format,
+            layer.convention,
+            comm=comm,
+            track_running_stats=layer.track_running_stats,
+        )
         new._adopt(layer)
         return new
 
@@ -427,8 +514,14 @@ def replace_layers(model, replace):
     return _walk(model, replace, memo)
 
 
-_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-           types.MethodType, _BatchNormBase)
+_OPAQUE = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    _BatchNormBase,
+)
 
 
 def _walk(obj, replace, memo):

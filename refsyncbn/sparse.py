@@ -62,23 +62,31 @@ class SparseCooTensor:
             msg = f"indices has dtype {idx.dtype}; expected an integer array"
             raise TypeError(msg)
         if values.ndim != 2:
-            msg = (f"values has shape {tuple(values.shape)}; expected (nnz, C): one channel "
-                   f"vector per stored site")
+            msg = (
+                f"values has shape {tuple(values.shape)}; expected (nnz, C): one channel "
+                f"vector per stored site"
+            )
             raise ValueError(msg)
         nnz, c = (int(s) for s in values.shape)
         if idx.ndim != 2 or idx.shape != (len(shape) - 1, nnz):
-            msg = (f"indices has shape {idx.shape}; expected ({len(shape) - 1}, {nnz}) for "
-                   f"shape {shape} and {nnz} stored sites")
+            msg = (
+                f"indices has shape {idx.shape}; expected ({len(shape) - 1}, {nnz}) for "
+                f"shape {shape} and {nnz} stored sites"
+            )
             raise ValueError(msg)
         if len(shape) < 2 or shape[-1] != c:
-            msg = (f"shape is {shape}; expected (*sparse_shape, C) with C = {c}, the channel "
-                   f"count of values")
+            msg = (
+                f"shape is {shape}; expected (*sparse_shape, C) with C = {c}, the channel "
+                f"count of values"
+            )
             raise ValueError(msg)
         bad = (idx < 0) | (idx >= np.asarray(shape[:-1], dtype=np.int64)[:, None])
         if bad.any():
             d, k = (int(i[0]) for i in np.nonzero(bad))
-            msg = (f"indices[{d}, {k}] is {int(idx[d, k])}; expected a coordinate in "
-                   f"[0, {shape[d]}) for axis {d} of shape {shape}")
+            msg = (
+                f"indices[{d}, {k}] is {int(idx[d, k])}; expected a coordinate in "
+                f"[0, {shape[d]}) for axis {d} of shape {shape}"
+            )
             raise ValueError(msg)
         self.indices = idx.astype(np.int64, copy=False)
         self.values = values

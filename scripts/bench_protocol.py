@@ -54,8 +54,9 @@ def _force(path, module):
 
 def _record(rank, c):
     rng = np.random.default_rng(rank)
-    return np.stack([np.full(c, 10.0 + rank), rng.standard_normal(c), rng.uniform(1, 2, c),
-                     np.zeros(c)])
+    return np.stack(
+        [np.full(c, 10.0 + rank), rng.standard_normal(c), rng.uniform(1, 2, c), np.zeros(c)]
+    )
 
 
 def _timed(call, iters):
@@ -83,8 +84,9 @@ def bench_mpi():
                 original = _force(path, mpi)
                 try:
                     world.Barrier()
-                    times[path].append(_timed(lambda rec=record: comm.combine(rec, fn, xp=np),
-                                              iters))
+                    times[path].append(
+                        _timed(lambda rec=record: comm.combine(rec, fn, xp=np), iters)
+                    )
                 finally:
                     mpi.block_width = original
         worst = {k: world.allreduce(statistics.median(v), op=_max()) for k, v in times.items()}
@@ -98,25 +100,32 @@ def bench_mpi():
         world.Barrier()
         lat["agree"].append(_timed(lambda: agree(comm, "bench", None, {"f": 1}), 300))
         world.Barrier()
-        lat["Allreduce"].append(_timed(lambda: world.Allreduce(_mpi_in_place(), buf,
-                                                               op=_mpi_min()), 300))
+        lat["Allreduce"].append(
+            _timed(lambda: world.Allreduce(_mpi_in_place(), buf, op=_mpi_min()), 300)
+        )
         world.Barrier()
-        ev["eval forward"].append(_timed(lambda: forward(x, training=False, comm=comm, **stats),
-                                         300))
-        ev["eval forward, 1 rank"].append(_timed(lambda: forward(x, training=False, **stats),
-                                                 300))
+        ev["eval forward"].append(
+            _timed(lambda: forward(x, training=False, comm=comm, **stats), 300)
+        )
+        ev["eval forward, 1 rank"].append(_timed(lambda: forward(x, training=False, **stats), 300))
     med = {k: world.allreduce(statistics.median(v), op=_max()) for k, v in {**lat, **ev}.items()}
     if rank == 0:
         print(f"## MPI, {p} ranks")
         print("| P | C | all-gather: us | bytes/rank | owner-computes: us | bytes/rank | ratio |")
         print("|---|---|---|---|---|---|---|")
         for p_, c, tg, to in rows:
-            print(f"| {p_} | {c} | {tg * 1e6:.0f} | {received_bytes(p_, c, 'gather')} | "
-                  f"{to * 1e6:.0f} | {received_bytes(p_, c, 'owner')} | {tg / to:.2f} |")
-        print(f"agreement (Iallreduce + wait loop): {med['agree'] * 1e6:.1f} us; blocking "
-              f"Allreduce of the same 40 int64: {med['Allreduce'] * 1e6:.1f} us")
-        print(f"eval forward (32, 64): {med['eval forward'] * 1e6:.1f} us with the agreement; "
-              f"{med['eval forward, 1 rank'] * 1e6:.1f} us on one rank (no agreement)")
+            print(
+                f"| {p_} | {c} | {tg * 1e6:.0f} | {received_bytes(p_, c, 'gather')} | "
+                f"{to * 1e6:.0f} | {received_bytes(p_, c, 'owner')} | {tg / to:.2f} |"
+            )
+        print(
+            f"agreement (Iallreduce + wait loop): {med['agree'] * 1e6:.1f} us; blocking "
+            f"Allreduce of the same 40 int64: {med['Allreduce'] * 1e6:.1f} us"
+        )
+        print(
+            f"eval forward (32, 64): {med['eval forward'] * 1e6:.1f} us with the agreement; "
+            f"{med['eval forward, 1 rank'] * 1e6:.1f} us on one rank (no agreement)"
+        )
 
 
 def _max():
@@ -151,20 +160,30 @@ def bench_simulated():
                 original = _force(path, simulated)
                 try:
                     world = simulated.SimulatedWorld(p)
-                    times[path] = min(_timed(lambda w=world, recs=records: w.run(
-                        lambda comm, rec: comm.combine(rec, fn, xp=np), recs), 1)
-                        for _ in range(3))
+                    times[path] = min(
+                        _timed(
+                            lambda w=world, recs=records: w.run(
+                                lambda comm, rec: comm.combine(rec, fn, xp=np), recs
+                            ),
+                            1,
+                        )
+                        for _ in range(3)
+                    )
                 finally:
                     simulated.block_width = original
-            print(f"| {p} | {c} | {times['gather'] * 1e3:.1f} | {received_bytes(p, c, 'gather')}"
-                  f" | {times['owner'] * 1e3:.1f} | {received_bytes(p, c, 'owner')} |")
+            print(
+                f"| {p} | {c} | {times['gather'] * 1e3:.1f} | {received_bytes(p, c, 'gather')}"
+                f" | {times['owner'] * 1e3:.1f} | {received_bytes(p, c, 'owner')} |"
+            )
     print(f"\n## On paper: bytes each rank receives per combine (k = {K}, k_out = {K_OUT})")
     print("| P | C | all-gather | owner-computes |")
     print("|---|---|---|---|")
     for p in (1024, 4096):
         for c in (64, 1024, 4096, 65536):
-            print(f"| {p} | {c} | {received_bytes(p, c, 'gather')} | "
-                  f"{received_bytes(p, c, 'owner')} |")
+            print(
+                f"| {p} | {c} | {received_bytes(p, c, 'gather')} | "
+                f"{received_bytes(p, c, 'owner')} |"
+            )
     assert _plan.block_width(2, K, 65536) is not None
 
 

@@ -38,8 +38,11 @@ import numpy as np
 from refsyncbn import forward
 from refsyncbn.comm import default_comm
 
-METHODS = {"local": ("reference", "even"), "sync": ("reference", "uneven"),
-           "equal": ("paddle", "uneven")}
+METHODS = {
+    "local": ("reference", "even"),
+    "sync": ("reference", "uneven"),
+    "equal": ("paddle", "uneven"),
+}
 CHANNELS, SPATIAL = 8, (4, 4)
 
 
@@ -61,11 +64,13 @@ def errors(x_global, splits, rank, y, mean, var):
     g_mean = x_global.mean(axis=(0, 2, 3))
     g_var = x_global.var(axis=(0, 2, 3))
     start = sum(splits[:rank])
-    shard = x_global[start:start + splits[rank]]
+    shard = x_global[start : start + splits[rank]]
     y_ref = (shard - g_mean[:, None, None]) / np.sqrt(g_var[:, None, None] + 1e-5)
-    return (float(np.max(np.abs(mean - g_mean) / np.sqrt(g_var))),
-            float(np.max(np.abs(var / g_var - 1))),
-            float(np.sqrt(np.mean((y - y_ref) ** 2))))
+    return (
+        float(np.max(np.abs(mean - g_mean) / np.sqrt(g_var))),
+        float(np.max(np.abs(var / g_var - 1))),
+        float(np.sqrt(np.mean((y - y_ref) ** 2))),
+    )
 
 
 def run(comm, batch_sizes, trials, shifts, seed):
@@ -82,31 +87,49 @@ def run(comm, batch_sizes, trials, shifts, seed):
                     x = global_batch(splits, shift, rng)
                     if sub is None:
                         continue
-                    start = sum(splits[:sub.rank])
-                    shard = x[start:start + splits[sub.rank]]
-                    res = forward(shard, running_mean=np.zeros(CHANNELS),
-                                  running_var=np.ones(CHANNELS), convention=convention,
-                                  comm=None if method == "local" else sub)
+                    start = sum(splits[: sub.rank])
+                    shard = x[start : start + splits[sub.rank]]
+                    res = forward(
+                        shard,
+                        running_mean=np.zeros(CHANNELS),
+                        running_var=np.ones(CHANNELS),
+                        convention=convention,
+                        comm=None if method == "local" else sub,
+                    )
                     err = errors(x, splits, sub.rank, res.y, res.saved.mean, res.saved.var)
                     mine = np.zeros((k, 3))
                     mine[sub.rank] = err
                     acc += sub.allreduce_sum(mine.reshape(-1), xp=np).reshape(k, 3).max(axis=0)
                 if comm.rank == 0:
                     mean_err, var_err, y_rms = acc / trials
-                    rows.append({"shift": shift, "world_size": k, "batch": n, "method": method,
-                                 "splits": splits, "mean_err": mean_err, "var_err": var_err,
-                                 "y_rms": y_rms})
+                    rows.append(
+                        {
+                            "shift": shift,
+                            "world_size": k,
+                            "batch": n,
+                            "method": method,
+                            "splits": splits,
+                            "mean_err": mean_err,
+                            "var_err": var_err,
+                            "y_rms": y_rms,
+                        }
+                    )
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| shift | ranks | per-rank batch | local y RMS | sync y RMS | equal y RMS "
-             "| local mean err | equal mean err |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shift | ranks | per-rank batch | local y RMS | sync y RMS | equal y RMS "
+        "| local mean err | equal mean err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     by = {(r["shift"], r["world_size"], r["batch"], r["method"]): r for r in rows}
     for sh, k, n in sorted({(r["shift"], r["world_size"], r["batch"]) for r in rows}):
         loc, syn, eq = (by[(sh, k, n, m)] for m in METHODS)
-        lines.append(f"| {sh:g} | {k} | {n} | {loc['y_rms']:.3g} | {syn['y_rms']:.1e} "
-                     f"| {eq['y_rms']:.3g} | {loc['mean_err']:.3g} | {eq['mean_err']:.3g} |")
+        lines.append(
+            f"| {sh:g} | {k} | {n} | {loc['y_rms']:.3g} | {syn['y_rms']:.1e} "
+            f"| {eq['y_rms']:.3g} | {loc['mean_err']:.3g} | {eq['mean_err']:.3g} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -126,9 +149,11 @@ def plot(rows, path):
     for ax, shift in zip(axes[0], shifts, strict=True):
         for method, style in styles.items():
             for k in sizes[1:] if method != "sync" else sizes[-1:]:  # 1 rank: all exact
-                pts = sorted((r["batch"], max(r["y_rms"], 1e-17)) for r in rows
-                             if (r["method"], r["world_size"], r["shift"])
-                             == (method, k, shift))
+                pts = sorted(
+                    (r["batch"], max(r["y_rms"], 1e-17))
+                    for r in rows
+                    if (r["method"], r["world_size"], r["shift"]) == (method, k, shift)
+                )
                 label = f"{method}, {k} ranks" if method != "sync" else "sync (exact), any k"
                 ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=label)
         ax.set_xscale("log", base=2)
@@ -144,12 +169,19 @@ def plot(rows, path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")],
-                        default=[1, 2, 4, 8, 16, 32, 64], help="comma-separated (default 1..64)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[1, 2, 4, 8, 16, 32, 64],
+        help="comma-separated (default 1..64)",
+    )
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--shifts", type=lambda s: [float(v) for v in s.split(",")],
-                        default=[0.0, 0.5],
-                        help="rank r's samples ~ N(shift * r, 1), comma-separated (default 0,0.5)")
+    parser.add_argument(
+        "--shifts",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=[0.0, 0.5],
+        help="rank r's samples ~ N(shift * r, 1), comma-separated (default 0,0.5)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -165,8 +197,14 @@ def main(argv=None) -> int:
         if args.markdown:
             args.markdown.write_text(text)
         if args.json:
-            meta = {"world_size": comm.size, "trials": args.trials, "shifts": args.shifts,
-                    "seed": args.seed, "channels": CHANNELS, "spatial": list(SPATIAL)}
+            meta = {
+                "world_size": comm.size,
+                "trials": args.trials,
+                "shifts": args.shifts,
+                "seed": args.seed,
+                "channels": CHANNELS,
+                "spatial": list(SPATIAL),
+            }
             args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         if args.plot:
             plot(rows, args.plot)

@@ -27,19 +27,27 @@ def _welford(rows, block=8):
     acc = rows.dtype.type
     recs = []
     for start in range(0, len(rows), block):
-        n, mean, m2 = acc(0), np.zeros(rows.shape[1], rows.dtype), np.zeros(rows.shape[1],
-                                                                             rows.dtype)
-        for row in rows[start:start + block]:
+        n, mean, m2 = (
+            acc(0),
+            np.zeros(rows.shape[1], rows.dtype),
+            np.zeros(rows.shape[1], rows.dtype),
+        )
+        for row in rows[start : start + block]:
             n = n + acc(1)
             delta = row - mean
             mean = mean + delta / n
             m2 = m2 + delta * (row - mean)
         recs.append((n, mean, m2))
     while len(recs) > 1:
-        recs = [_chan(*recs[i:i + 2]) if i + 1 < len(recs) else recs[i]
-                for i in range(0, len(recs), 2)]
-    return recs[0] if recs else (acc(0), np.zeros(rows.shape[1], rows.dtype),
-                                 np.zeros(rows.shape[1], rows.dtype))
+        recs = [
+            _chan(*recs[i : i + 2]) if i + 1 < len(recs) else recs[i]
+            for i in range(0, len(recs), 2)
+        ]
+    return (
+        recs[0]
+        if recs
+        else (acc(0), np.zeros(rows.shape[1], rows.dtype), np.zeros(rows.shape[1], rows.dtype))
+    )
 
 
 def _chan(a, b):
@@ -52,9 +60,20 @@ def _chan(a, b):
     return n, ma + delta * (nb / n), qa + qb + delta * delta * (na * nb / n)
 
 
-def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype=None,
-                  merge_dtype=None, summation="pairwise", convention="reference", sync=True,
-                  eps=None, planted=None, empty="skip"):
+def zoo_candidate(
+    *,
+    acc="float32",
+    stats="two_pass",
+    merge="count",
+    stats_dtype=None,
+    merge_dtype=None,
+    summation="pairwise",
+    convention="reference",
+    sync=True,
+    eps=None,
+    planted=None,
+    empty="skip",
+):
     """One SyncBN algorithm of the zoo (tests/test_zoo.py), arithmetic in dtype ``acc``.
 
     ``stats``: this rank's statistics: ``"two_pass"`` (mean, then
@@ -97,14 +116,17 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
         buf[comm.rank if sync else 0] = np.concatenate([[rec[0]], rec[1], rec[2]]).astype(acc)
         if sync:
             buf = comm.allreduce_sum(buf.reshape(-1), xp=np).reshape(size, -1)
-        return [(r[0].astype(mdt), r[1:1 + c].astype(mdt), r[1 + c:].astype(mdt)) for r in buf]
+        return [(r[0].astype(mdt), r[1 : 1 + c].astype(mdt), r[1 + c :].astype(mdt)) for r in buf]
 
     def statistics(rows, comm):
         c = rows.shape[1]
         if merge == "global":
             n = np.array([len(rows)], acc)
-            tot = comm.allreduce_sum(np.concatenate([n, _sum(rows, summation)]), xp=np) \
-                if sync else np.concatenate([n, _sum(rows, summation)])
+            tot = (
+                comm.allreduce_sum(np.concatenate([n, _sum(rows, summation)]), xp=np)
+                if sync
+                else np.concatenate([n, _sum(rows, summation)])
+            )
             m = acc.type(tot[0])
             mean = (tot[1:] / m).astype(acc)
             q = _sum((rows - mean) ** 2, summation)
@@ -125,8 +147,12 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
             k = mdt.type(len(recs))
             mean = sum(r[1] / r[0] for r in recs) / k
             mean2 = sum(r[2] / r[0] for r in recs) / k
-            return (sum(r[0] for r in recs), mean, np.maximum(mean2 - mean * mean, 0),
-                    1 / (k * max(len(rows), 1)))
+            return (
+                sum(r[0] for r in recs),
+                mean,
+                np.maximum(mean2 - mean * mean, 0),
+                1 / (k * max(len(rows), 1)),
+            )
         if merge == "equal":
             k = mdt.type(len(recs))
             mean = sum(r[1] for r in recs) / k
@@ -137,14 +163,49 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
             total = _chan(total, rec)
         return total[0], total[1], total[2] / total[0], 1 / total[0]
 
-    def candidate(x, dy, weight, bias, running_mean, running_var, *, eps, momentum, training,
-                  data_format, comm):
+    def candidate(
+        x,
+        dy,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        *,
+        eps,
+        momentum,
+        training,
+        data_format,
+        comm,
+    ):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # float16 sums
-            return body(x, dy, weight, bias, running_mean, running_var, eps=eps,
-                        momentum=momentum, training=training, data_format=data_format, comm=comm)
+            return body(
+                x,
+                dy,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                eps=eps,
+                momentum=momentum,
+                training=training,
+                data_format=data_format,
+                comm=comm,
+            )
 
-    def body(x, dy, weight, bias, running_mean, running_var, *, eps, momentum, training,
-             data_format, comm):
+    def body(
+        x,
+        dy,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        *,
+        eps,
+        momentum,
+        training,
+        data_format,
+        comm,
+    ):
         axis = get_layout(data_format).channel_axis
         c = x.shape[axis]
         rows = np.moveaxis(x, axis, -1).reshape(-1, c).astype(acc)
@@ -179,9 +240,14 @@ def zoo_candidate(*, acc="float32", stats="two_pass", merge="count", stats_dtype
 
         dweight = b_loc * acc.type(1 + planted.get("dweight", 0.0))
         dbias = a_loc * acc.type(1 + planted.get("dbias", 0.0))
-        return {"y": back(y), "dx": back(dx), "dweight": dweight.astype(weight.dtype),
-                "dbias": dbias.astype(weight.dtype), "running_mean": rm.astype(running_mean.dtype),
-                "running_var": rv.astype(running_var.dtype)}
+        return {
+            "y": back(y),
+            "dx": back(dx),
+            "dweight": dweight.astype(weight.dtype),
+            "dbias": dbias.astype(weight.dtype),
+            "running_mean": rm.astype(running_mean.dtype),
+            "running_var": rv.astype(running_var.dtype),
+        }
 
     candidate_eps = eps
     return candidate
@@ -197,8 +263,20 @@ def lowprec_candidate(acc, variance):
     """
     acc = np.dtype(acc)
 
-    def candidate(x, dy, weight, bias, running_mean, running_var, *, eps, momentum, training,
-                  data_format, comm):
+    def candidate(
+        x,
+        dy,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        *,
+        eps,
+        momentum,
+        training,
+        data_format,
+        comm,
+    ):
         axis = get_layout(data_format).channel_axis
         rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(acc)
         c = rows.shape[1]
@@ -208,8 +286,8 @@ def lowprec_candidate(acc, variance):
         elif variance == "sumsq":
             tot = comm.allreduce_sum(np.concatenate([n, rows.sum(0), (rows * rows).sum(0)]), xp=np)
             m = tot[0]
-            mean = tot[1:1 + c] / m
-            var = np.maximum(tot[1 + c:] / m - mean * mean, acc.type(0))
+            mean = tot[1 : 1 + c] / m
+            var = np.maximum(tot[1 + c :] / m - mean * mean, acc.type(0))
         else:
             tot = comm.allreduce_sum(np.concatenate([n, rows.sum(0)]), xp=np)
             m = tot[0]
@@ -233,15 +311,21 @@ def lowprec_candidate(acc, variance):
             shape = [s for i, s in enumerate(x.shape) if i != axis] + [c]
             return np.moveaxis(v.reshape(shape), -1, axis).astype(x.dtype)
 
-        return {"y": back(y), "dx": back(dx), "dweight": b_loc.astype(weight.dtype),
-                "dbias": a_loc.astype(weight.dtype), "running_mean": rm.astype(running_mean.dtype),
-                "running_var": rv.astype(running_var.dtype)}
+        return {
+            "y": back(y),
+            "dx": back(dx),
+            "dweight": b_loc.astype(weight.dtype),
+            "dbias": a_loc.astype(weight.dtype),
+            "running_mean": rm.astype(running_mean.dtype),
+            "running_var": rv.astype(running_var.dtype),
+        }
 
     return candidate
 
 
-def torch_global_candidate(x, dy, weight, bias, running_mean, running_var, *, eps, momentum,
-                           training, data_format, comm):
+def torch_global_candidate(
+    x, dy, weight, bias, running_mean, running_var, *, eps, momentum, training, data_format, comm
+):
     """PyTorch's ``F.batch_norm`` on the whole batch + autograd (a global-batch candidate)."""
     import torch
     import torch.nn.functional as F
@@ -253,6 +337,11 @@ def torch_global_candidate(x, dy, weight, bias, running_mean, running_var, *, ep
     rm, rv = torch.from_numpy(running_mean.copy()), torch.from_numpy(running_var.copy())
     y = F.batch_norm(xt, rm, rv, wt, bt, training=training, momentum=momentum, eps=eps)
     y.backward(torch.from_numpy(np.moveaxis(dy, axis, 1).copy()))
-    return {"y": np.moveaxis(y.detach().numpy(), 1, axis),
-            "dx": np.moveaxis(xt.grad.numpy(), 1, axis), "dweight": wt.grad.numpy(), "dbias": bt.grad.numpy(), "running_mean": rm.numpy(),
-            "running_var": rv.numpy()}
+    return {
+        "y": np.moveaxis(y.detach().numpy(), 1, axis),
+        "dx": np.moveaxis(xt.grad.numpy(), 1, axis),
+        "dweight": wt.grad.numpy(),
+        "dbias": bt.grad.numpy(),
+        "running_mean": rm.numpy(),
+        "running_var": rv.numpy(),
+    }

@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import numpy as np
 
-CTX = decimal.Context(prec=60, Emax=10**6, Emin=-10**6)
+CTX = decimal.Context(prec=60, Emax=10**6, Emin=-(10**6))
 
 
 def dec(q) -> decimal.Decimal:
@@ -46,8 +46,7 @@ def batch_norm(shards, dys=None, weight=None, bias=None, *, eps, weighting="coun
     """
     c = shards[0].shape[1]
     rows = [[[Fraction(float(v)) for v in row] for row in s] for s in shards]
-    drows = None if dys is None else [[[Fraction(float(v)) for v in row] for row in d]
-                                      for d in dys]
+    drows = None if dys is None else [[[Fraction(float(v)) for v in row] for row in d] for d in dys]
     w = [Fraction(1)] * c if weight is None else [Fraction(float(v)) for v in weight]
     b = [Fraction(0)] * c if bias is None else [Fraction(float(v)) for v in bias]
     nonempty = [r for r in rows if r]
@@ -68,25 +67,52 @@ def batch_norm(shards, dys=None, weight=None, bias=None, *, eps, weighting="coun
             var.append(sq - mu * mu)
             omega.append([Fraction(1, k * len(r)) if r else Fraction(0) for r in rows])
     invstd = [1 / CTX.sqrt(dec(v + Fraction(float(eps)))) for v in var]
-    xhat = [[[CTX.multiply(dec(row[j] - mean[j]), invstd[j]) for j in range(c)] for row in r]
-            for r in rows]
-    out = {"mean": mean, "var": var,
-           "y": [np.array([[xh[j] * dec(w[j]) + dec(b[j]) for j in range(c)] for xh in xr],
-                          dtype=object).reshape(len(xr), c) for xr in xhat]}
+    xhat = [
+        [[CTX.multiply(dec(row[j] - mean[j]), invstd[j]) for j in range(c)] for row in r]
+        for r in rows
+    ]
+    out = {
+        "mean": mean,
+        "var": var,
+        "y": [
+            np.array(
+                [[xh[j] * dec(w[j]) + dec(b[j]) for j in range(c)] for xh in xr], dtype=object
+            ).reshape(len(xr), c)
+            for xr in xhat
+        ],
+    }
     if drows is None:
         return out
     big_a = [sum(dec(row[j]) for d in drows for row in d) for j in range(c)]
-    pairs = [(row, xh) for d, xr in zip(drows, xhat, strict=True) for row, xh in zip(d, xr, strict=True)]
+    pairs = [
+        (row, xh) for d, xr in zip(drows, xhat, strict=True) for row, xh in zip(d, xr, strict=True)
+    ]
     big_b = [sum(dec(row[j]) * xh[j] for row, xh in pairs) for j in range(c)]
-    out["dx"] = [np.array([[dec(w[j]) * invstd[j] * (dec(row[j]) - dec(omega[j][r])
-                                                       * (big_a[j] + xh[j] * big_b[j]))
-                            for j in range(c)] for row, xh in zip(d, xr, strict=True)],
-                          dtype=object).reshape(len(d), c)
-                 for r, (d, xr) in enumerate(zip(drows, xhat, strict=True))]
-    out["dweight"] = [[sum((dec(row[j]) * xh[j] for row, xh in zip(d, xr, strict=True)), decimal.Decimal(0))
-                       for j in range(c)] for d, xr in zip(drows, xhat, strict=True)]
-    out["dbias"] = [[sum((dec(row[j]) for row in d), decimal.Decimal(0)) for j in range(c)]
-                    for d in drows]
+    out["dx"] = [
+        np.array(
+            [
+                [
+                    dec(w[j])
+                    * invstd[j]
+                    * (dec(row[j]) - dec(omega[j][r]) * (big_a[j] + xh[j] * big_b[j]))
+                    for j in range(c)
+                ]
+                for row, xh in zip(d, xr, strict=True)
+            ],
+            dtype=object,
+        ).reshape(len(d), c)
+        for r, (d, xr) in enumerate(zip(drows, xhat, strict=True))
+    ]
+    out["dweight"] = [
+        [
+            sum((dec(row[j]) * xh[j] for row, xh in zip(d, xr, strict=True)), decimal.Decimal(0))
+            for j in range(c)
+        ]
+        for d, xr in zip(drows, xhat, strict=True)
+    ]
+    out["dbias"] = [
+        [sum((dec(row[j]) for row in d), decimal.Decimal(0)) for j in range(c)] for d in drows
+    ]
     return out
 
 
@@ -104,4 +130,5 @@ def ulp(exact, dtype) -> np.ndarray:
     v = v.astype(dtype)
     fi = np.finfo(dtype)
     return np.maximum(np.spacing(v).astype(np.float64), float(fi.smallest_subnormal)).reshape(
-        np.shape(exact))
+        np.shape(exact)
+    )

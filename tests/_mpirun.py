@@ -38,13 +38,22 @@ def mpirun(n: int, *args: str, timeout: float = 120.0, cwd=None) -> subprocess.C
     """
     cmd = [mpiexec_path(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd or ROOT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {' '.join(args)} did not finish within {timeout:.0f} s "
-                    f"(deadlock?)\nstdout:\n{out}\nstderr:\n{err}")
+        pytest.fail(
+            f"mpiexec -n {n} {' '.join(args)} did not finish within {timeout:.0f} s "
+            f"(deadlock?)\nstdout:\n{out}\nstderr:\n{err}"
+        )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -13,4 +13,5 @@ def run_case(case, *, param_grads=None, **kwargs):
     default); ``kwargs`` go to :func:`refsyncbn.cases.run_rank`.
     """
     return SimulatedWorld(case.world_size).run(
-        lambda comm: run_rank(case, comm, param_grads=param_grads, statistics=True, **kwargs))
+        lambda comm: run_rank(case, comm, param_grads=param_grads, statistics=True, **kwargs)
+    )

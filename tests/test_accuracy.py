@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from refsyncbn import SimulatedWorld, backward, forward, kernels
 
-U64 = 2.0 ** -53
+U64 = 2.0**-53
 K = 4.0
 EPS = 1e-5
 LAYOUTS = ["C", "F", "negative-strides", "strided-view", "all-true-mask", "NHWC-view"]
@@ -53,8 +53,19 @@ def _data(seed, shape, dtype, kappa, *, std=1.0):
     return x, dy, w, b
 
 
-def _run(x, dy, w, b, splits, *, data_format="NCL", variance="stable", convention="reference",
-         mask=None, backend=None):
+def _run(
+    x,
+    dy,
+    w,
+    b,
+    splits,
+    *,
+    data_format="NCL",
+    variance="stable",
+    convention="reference",
+    mask=None,
+    backend=None,
+):
     """Per-rank outputs of a SimulatedWorld step over ``splits`` of the batch axis."""
     edges = np.cumsum((0, *splits))
     c = len(w)
@@ -62,20 +73,36 @@ def _run(x, dy, w, b, splits, *, data_format="NCL", variance="stable", conventio
 
     def step(comm, r):
         sl = slice(edges[r], edges[r + 1])
-        res = forward(x[sl], w, b, running_mean=rm, running_var=rv, data_format=data_format,
-                      variance=variance, convention=convention, comm=comm, backend=backend,
-                      mask=None if mask is None else mask[sl])
+        res = forward(
+            x[sl],
+            w,
+            b,
+            running_mean=rm,
+            running_var=rv,
+            data_format=data_format,
+            variance=variance,
+            convention=convention,
+            comm=comm,
+            backend=backend,
+            mask=None if mask is None else mask[sl],
+        )
         g = backward(dy[sl], res.saved)
-        return {"y": res.y, "dx": g.dx, "dweight": g.dweight, "dbias": g.dbias,
-                "running_mean": res.running_mean, "running_var": res.running_var}
+        return {
+            "y": res.y,
+            "dx": g.dx,
+            "dweight": g.dweight,
+            "dbias": g.dbias,
+            "running_mean": res.running_mean,
+            "running_var": res.running_var,
+        }
 
     return SimulatedWorld(len(splits)).run(step, list(range(len(splits))))
 
 
 def _exact(x, dy, w, b, splits, *, data_format="NCL", weighting="count"):
     edges = np.cumsum((0, *splits))
-    shards = [_rows(x[edges[r]:edges[r + 1]], data_format) for r in range(len(splits))]
-    dys = [_rows(dy[edges[r]:edges[r + 1]], data_format) for r in range(len(splits))]
+    shards = [_rows(x[edges[r] : edges[r + 1]], data_format) for r in range(len(splits))]
+    dys = [_rows(dy[edges[r] : edges[r + 1]], data_format) for r in range(len(splits))]
     return batch_norm(shards, dys, w, b, eps=EPS, weighting=weighting), shards, dys
 
 
@@ -83,12 +110,20 @@ def _bounds(ex, shards, dys, w, b):
     """Per rank, the float64 error budget ``K u (1 + kappa) S`` of each output."""
     c = len(ex["mean"])
     sigma = [dec(v + Fraction(EPS)).sqrt() for v in ex["var"]]
-    kappa = 1.0 + np.array([float(abs(dec(m)) / s) for m, s in zip(ex["mean"], sigma,
-                                                                     strict=True)])
+    kappa = 1.0 + np.array([float(abs(dec(m)) / s) for m, s in zip(ex["mean"], sigma, strict=True)])
     w64, b64 = np.abs(np.asarray(w, np.float64)), np.abs(np.asarray(b, np.float64))
-    xh = [np.array([[float(abs(dec(v) - dec(m)) / sg) for v, m, sg in zip(row, ex["mean"], sigma,
-                                                                         strict=True)]
-                    for row in s.astype(np.float64)]).reshape(len(s), c) for s in shards]
+    xh = [
+        np.array(
+            [
+                [
+                    float(abs(dec(v) - dec(m)) / sg)
+                    for v, m, sg in zip(row, ex["mean"], sigma, strict=True)
+                ]
+                for row in s.astype(np.float64)
+            ]
+        ).reshape(len(s), c)
+        for s in shards
+    ]
     sigma = np.array([float(sg) for sg in sigma])
     dya = [np.abs(d.astype(np.float64)) for d in dys]
     sum_dy = sum(d.sum(axis=0) for d in dya)
@@ -96,9 +131,11 @@ def _bounds(ex, shards, dys, w, b):
     m = sum(len(s) for s in shards)
     out = []
     for h, d in zip(xh, dya, strict=True):
-        scale = {"y": w64 * (1 + h) + b64,
-                 "dx": w64 / sigma * (d + (sum_dy + (1 + h) * sum_dyx) / m),
-                 "dweight": (d * (1 + h)).sum(axis=0)}
+        scale = {
+            "y": w64 * (1 + h) + b64,
+            "dx": w64 / sigma * (d + (sum_dy + (1 + h) * sum_dyx) / m),
+            "dweight": (d * (1 + h)).sum(axis=0),
+        }
         out.append({k: K * U64 * kappa * v for k, v in scale.items()})
         out[-1]["dbias"] = K * U64 * len(d) * d.sum(axis=0)  # a plain sum: no kappa
     assert all(v.shape[-1] == c for o in out for v in o.values())
@@ -118,7 +155,7 @@ def _worst(got, ex, shards, dys, w, b, data_format, dtype):
             bound = bounds[r][key]
             if key in ("y", "dx") and dtype != np.float64:
                 bound = bound + 0.5 * ulp(exact, dtype)
-            ratio = error(value, exact) / np.maximum(bound, 2.0 ** -1074)  # 0 / 0 on empty ranks
+            ratio = error(value, exact) / np.maximum(bound, 2.0**-1074)  # 0 / 0 on empty ranks
             worst[key] = max(worst.get(key, 0.0), float(ratio.max()))
     return worst
 
@@ -133,8 +170,10 @@ def _running_worst(got, ex, kappa, dtype):
     sigma = np.sqrt(var + EPS)  # the mean errs by u (|mean| + sigma), not u |mean| alone
     b_rm = K * U64 * (1 + np.abs(mean) + sigma) + fi.eps * (0.5 + np.abs(mean))
     b_rv = K * U64 * kappa * (2 + var) + fi.eps * (2 + var)
-    return max(float((error(got[0]["running_mean"], rm) / b_rm).max()),
-               float((error(got[0]["running_var"], rv) / b_rv).max()))
+    return max(
+        float((error(got[0]["running_mean"], rm) / b_rm).max()),
+        float((error(got[0]["running_var"], rv) / b_rv).max()),
+    )
 
 
 @pytest.fixture(scope="module", params=["numpy", "numba"])
@@ -148,8 +187,11 @@ def cpu_backend(request):
 @st.composite
 def regimes(draw, dtype, max_log_kappa):
     world = draw(st.integers(1, 4))
-    splits = tuple(draw(st.lists(st.integers(0, 4), min_size=world, max_size=world)
-                        .filter(lambda s: sum(s) > 1)))
+    splits = tuple(
+        draw(
+            st.lists(st.integers(0, 4), min_size=world, max_size=world).filter(lambda s: sum(s) > 1)
+        )
+    )
     c, length = draw(st.integers(1, 3)), draw(st.integers(1, 4))
     log_kappa = draw(st.floats(0, max_log_kappa))
     std = 2.0 ** draw(st.integers(-30, 30)) if dtype == np.float64 else 1.0
@@ -253,15 +295,16 @@ class TestLowPrecisionCorrectlyRounded:
             ulp16 = 2.0 ** (np.frexp(mag)[1] - 8)  # bfloat16: 8 significant bits
             # torch may round float64 -> bfloat16 through float32: a rare double
             # rounding adds up to half a float32 ulp
-            bound = 0.5 * ulp16 + 2.0 ** -24 * mag + bounds[0][key]
+            bound = 0.5 * ulp16 + 2.0**-24 * mag + bounds[0][key]
             assert (error(got, exact) <= bound).all(), key
 
     def test_naive_float32_at_offset_1e4_is_not_correctly_rounded(self):
         x, dy, w, b = _data(2, (64, 4, 8), np.float32, 1e4)
         splits = (20, 0, 30, 14)
         ex, shards, dys = _exact(x, dy, w, b, splits)
-        worst = _worst(_run(x, dy, w, b, splits, variance="naive"), ex, shards, dys, w, b,
-                       "NCL", np.float32)
+        worst = _worst(
+            _run(x, dy, w, b, splits, variance="naive"), ex, shards, dys, w, b, "NCL", np.float32
+        )
         assert worst["y"] > 2 and worst["dx"] > 2, worst
 
 
@@ -292,9 +335,10 @@ class TestFiniteInputsOfAnyMagnitude:
         for g in got:
             assert all(np.isfinite(g[k]).all() for k in ("y", "dx", "dweight", "dbias"))
             # the running variance is inf exactly where the true variance is beyond float64
-            np.testing.assert_array_equal(np.isinf(g["running_var"]),
-                                          [dec(v) > dec(np.finfo(np.float64).max) / 10
-                                           for v in ex["var"]])
+            np.testing.assert_array_equal(
+                np.isinf(g["running_var"]),
+                [dec(v) > dec(np.finfo(np.float64).max) / 10 for v in ex["var"]],
+            )
             assert np.isfinite(g["running_mean"]).all()
         worst = _worst(got, ex, shards, dys, w, b, "NCL", np.float64)
         assert max(worst.values()) <= 1.0, worst
@@ -328,8 +372,9 @@ class TestFiniteInputsOfAnyMagnitude:
         got = _run(x, dy, w, b, (5, 0, 7))
         tame = [0, 2]
         ex, shards, dys = _exact(x[:, tame], dy[:, tame], w[tame], b[tame], (5, 0, 7))
-        sub = [{k: (v[:, tame] if k in ("y", "dx") else v[tame]) for k, v in g.items()}
-               for g in got]
+        sub = [
+            {k: (v[:, tame] if k in ("y", "dx") else v[tame]) for k, v in g.items()} for g in got
+        ]
         worst = _worst(sub, ex, shards, dys, w[tame], b[tame], "NCL", np.float64)
         assert max(worst.values()) <= 1.0, worst
         for g in got:
@@ -343,20 +388,23 @@ class TestLayoutInvariance:
     @pytest.mark.parametrize("layout", LAYOUTS)
     def test_each_layout_is_within_the_bound(self, layout, dtype, cpu_backend):
         kappa = 1e3 if dtype == np.float64 else 1e4
-        _check_layout(layout, *_data(3, (10, 3, 6), dtype, kappa), (4, 0, 6), dtype,
-                      cpu_backend)
+        _check_layout(layout, *_data(3, (10, 3, 6), dtype, kappa), (4, 0, 6), dtype, cpu_backend)
 
     @settings(max_examples=20)
-    @given(layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from([np.float64, np.float32]),
-           log_kappa=st.floats(0, 6), seed=st.integers(0, 2**32 - 1),
-           splits=st.sampled_from([(5,), (2, 3), (1, 0, 4), (3, 0, 0, 2)]))
-    def test_random_layouts_and_offsets(self, layout, dtype, log_kappa, seed, splits,
-                                        cpu_backend):
+    @given(
+        layout=st.sampled_from(LAYOUTS),
+        dtype=st.sampled_from([np.float64, np.float32]),
+        log_kappa=st.floats(0, 6),
+        seed=st.integers(0, 2**32 - 1),
+        splits=st.sampled_from([(5,), (2, 3), (1, 0, 4), (3, 0, 0, 2)]),
+    )
+    def test_random_layouts_and_offsets(self, layout, dtype, log_kappa, seed, splits, cpu_backend):
         if dtype == np.float64:
             log_kappa += 2  # float64 up to 1e8, float32 up to 1e6
         shape = (sum(splits), 2, 3)
-        _check_layout(layout, *_data(seed, shape, dtype, 10.0**log_kappa), splits, dtype,
-                      cpu_backend)
+        _check_layout(
+            layout, *_data(seed, shape, dtype, 10.0**log_kappa), splits, dtype, cpu_backend
+        )
 
 
 def _check_layout(layout, x, dy, w, b, splits, dtype, backend):
@@ -373,10 +421,19 @@ def _check_layout(layout, x, dy, w, b, splits, dtype, backend):
     elif layout == "all-true-mask":
         mask = np.ones((x.shape[0], x.shape[2]), bool)
     if layout == "NHWC-view":  # channel-last view of the same numbers
-        got = _run(np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1), w, b, splits,
-                   data_format="NLC", backend=backend)
-        got = [{k: (np.moveaxis(v, -1, 1) if k in ("y", "dx") else v) for k, v in g.items()}
-               for g in got]
+        got = _run(
+            np.moveaxis(x, 1, -1),
+            np.moveaxis(dy, 1, -1),
+            w,
+            b,
+            splits,
+            data_format="NLC",
+            backend=backend,
+        )
+        got = [
+            {k: (np.moveaxis(v, -1, 1) if k in ("y", "dx") else v) for k, v in g.items()}
+            for g in got
+        ]
     else:
         got = _run(x, dy, w, b, splits, mask=mask, backend=backend)
     worst = _worst(got, ex, shards, dys, w, b, "NCL", dtype)

@@ -30,8 +30,9 @@ from refsyncbn.testing.checker import probe_cases
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 needs_flax = pytest.mark.skipif(adapters.missing("flax") is not None, reason="needs jax and flax")
-needs_keras = pytest.mark.skipif(adapters.missing("keras") is not None,
-                                 reason="needs tensorflow and keras")
+needs_keras = pytest.mark.skipif(
+    adapters.missing("keras") is not None, reason="needs tensorflow and keras"
+)
 
 
 class TestRegistry:
@@ -53,8 +54,14 @@ class TestRegistry:
 
     def test_a_masked_case_is_not_expressible_in_torch(self):
         x = np.arange(8.0).reshape(4, 2)
-        case = Case(x=x, running_mean=np.zeros(2), running_var=np.ones(2), splits=(2, 2),
-                    data_format="NC", mask=np.ones(4, bool))
+        case = Case(
+            x=x,
+            running_mean=np.zeros(2),
+            running_var=np.ones(2),
+            splits=(2, 2),
+            data_format="NC",
+            mask=np.ones(4, bool),
+        )
         assert torch_adapter.unsupported(case) == "nn.SyncBatchNorm takes no mask"
         assert torch_adapter.unsupported(dataclasses.replace(case, mask=None)) == ""
 
@@ -66,6 +73,7 @@ class TestRegistry:
 
 def _reference_as_framework(convention):
     """A stand-in for adapters.run: the reference in ``convention``'s rules, torch's expressibility."""
+
     def fake_run(framework, cases, *, timeout):
         outcomes = {}
         for name, case in cases.items():
@@ -73,10 +81,18 @@ def _reference_as_framework(convention):
                 outcomes[name] = adapters.Outcome(not_expressible="no mask")
                 continue
             weight = get_convention(case.convention).batch_weight(case.momentum)
-            ours = dataclasses.replace(case, convention=convention, momentum=(
-                weight if get_convention(convention).momentum_meaning == "update" else 1 - weight))
-            outcomes[name] = adapters.Outcome(outputs=SimulatedWorld(case.world_size).run(
-                lambda comm, c=ours: run_rank(c, comm)))
+            ours = dataclasses.replace(
+                case,
+                convention=convention,
+                momentum=(
+                    weight
+                    if get_convention(convention).momentum_meaning == "update"
+                    else 1 - weight
+                ),
+            )
+            outcomes[name] = adapters.Outcome(
+                outputs=SimulatedWorld(case.world_size).run(lambda comm, c=ours: run_rank(c, comm))
+            )
         return outcomes
 
     return fake_run
@@ -87,8 +103,9 @@ class TestConform:
     def fake(self, monkeypatch):
         monkeypatch.setattr(conform, "missing", lambda framework: None)
         monkeypatch.setattr(torch_adapter, "label", lambda: torch_adapter.LABEL)  # no torch import
-        return lambda convention: monkeypatch.setattr(conform, "run",
-                                                      _reference_as_framework(convention))
+        return lambda convention: monkeypatch.setattr(
+            conform, "run", _reference_as_framework(convention)
+        )
 
     def test_an_implementation_that_follows_the_preset_passes(self, fake, tmp_path):
         fake("torch")
@@ -98,21 +115,26 @@ class TestConform:
         verdicts = [r["verdict"] for r in report["cases"]]
         assert verdicts.count("not expressible") == 1 and verdicts.count("pass") == 14
         assert report["consistent_presets"] == ["torch"]
-        assert ("| random_05 | 3 | [2, 4, 3] | [[0, 2], [1]] | NCDHW | float32 | train | "
-                "not expressible |  | no mask |") in out.read_text()
+        assert (
+            "| random_05 | 3 | [2, 4, 3] | [[0, 2], [1]] | NCDHW | float32 | train | "
+            "not expressible |  | no mask |"
+        ) in out.read_text()
 
-    def test_a_deviation_fails_with_exit_1_unless_it_is_a_known_one(self, fake, tmp_path,
-                                                                  monkeypatch):
+    def test_a_deviation_fails_with_exit_1_unless_it_is_a_known_one(
+        self, fake, tmp_path, monkeypatch
+    ):
         fake("reference")  # biased running variance where torch's is unbiased
         out = tmp_path / "r.md"
         assert cli_main(["conform", "torch", "--cases", "0", "--out", str(out)]) == 1
         report = json.loads(out.with_suffix(".json").read_text())
-        failed = {r["case"]: r["worst"]["quantity"] for r in report["cases"]
-                  if r["verdict"] == "FAIL"}
+        failed = {
+            r["case"]: r["worst"]["quantity"] for r in report["cases"] if r["verdict"] == "FAIL"
+        }
         assert failed and set(failed.values()) == {"running_var"}
         assert report["unexplained_failures"] == sorted(failed, key=list(failed).index)
-        monkeypatch.setattr(torch_adapter, "known_deviation",
-                            lambda case, variant="": "biased on purpose")
+        monkeypatch.setattr(
+            torch_adapter, "known_deviation", lambda case, variant="": "biased on purpose"
+        )
         assert cli_main(["conform", "torch", "--cases", "0", "--out", str(out)]) == 0
         assert "known deviation: biased on purpose" in out.read_text()
         # a deviation that explains other outputs only does not excuse the running variance
@@ -135,9 +157,17 @@ class TestConform:
 class TestKnownDeviations:
     def _case(self, **kw):
         x = np.arange(12.0).reshape(6, 2)
-        return Case(x=x, dy=np.ones_like(x), weight=np.ones(2), bias=np.zeros(2),
-                    running_mean=np.zeros(2), running_var=np.ones(2), splits=(2, 4, 0),
-                    data_format="NC", **kw)
+        return Case(
+            x=x,
+            dy=np.ones_like(x),
+            weight=np.ones(2),
+            bias=np.zeros(2),
+            running_mean=np.zeros(2),
+            running_var=np.ones(2),
+            splits=(2, 4, 0),
+            data_format="NC",
+            **kw,
+        )
 
     def test_flax_names_empty_devices_ragged_groups_and_shard_map_sums(self):
         flax = adapters.get_adapter("flax")
@@ -157,11 +187,23 @@ class TestKnownDeviations:
         masked = self._case(mask=np.ones(6, bool))
         assert keras.unsupported(masked) == ""
         assert "turns synchronization off" in keras.known_deviation(masked)
-        one = Case(x=np.ones((4, 2, 1)), running_mean=np.zeros(1), running_var=np.ones(1),
-                   splits=(2, 2), data_format="NLC", mask=np.ones((4, 2), bool))
+        one = Case(
+            x=np.ones((4, 2, 1)),
+            running_mean=np.zeros(1),
+            running_var=np.ones(1),
+            splits=(2, 2),
+            data_format="NLC",
+            mask=np.ones((4, 2), bool),
+        )
         assert "IndexError" in keras.known_deviation(one)
-        chw = Case(x=np.ones((4, 1, 2)), running_mean=np.zeros(1), running_var=np.ones(1),
-                   splits=(2, 2), data_format="NCL", mask=np.ones((4, 2), bool))
+        chw = Case(
+            x=np.ones((4, 1, 2)),
+            running_mean=np.zeros(1),
+            running_var=np.ones(1),
+            splits=(2, 2),
+            data_format="NCL",
+            mask=np.ones((4, 2), bool),
+        )
         assert "channel-last formats only" in keras.unsupported(chw)
 
 
@@ -172,20 +214,42 @@ def _stand_in_sync_bn(x, splits, weight, bias, rm, rv, momentum, eps, dy):
     ops = torch_adapter.cpu_sync_ops()
     parts, dys = torch.split(x, splits), torch.split(dy, splits)
     stats = [ops["batch_norm_stats"](p, eps) for p in parts if p.numel()]
-    counts = torch.tensor([float(p.numel() // p.shape[1]) for p in parts if p.numel()],
-                          dtype=rm.dtype)
+    counts = torch.tensor(
+        [float(p.numel() // p.shape[1]) for p in parts if p.numel()], dtype=rm.dtype
+    )
     mean, invstd = ops["batch_norm_gather_stats_with_counts"](
-        x, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]), rm, rv,
-        momentum, eps, counts)
+        x,
+        torch.stack([s[0] for s in stats]),
+        torch.stack([s[1] for s in stats]),
+        rm,
+        rv,
+        momentum,
+        eps,
+        counts,
+    )
     # like nn.SyncBatchNorm, an empty rank calls no op: empty outputs, zero sums
-    y = torch.cat([ops["batch_norm_elemt"](p, weight, bias, mean, invstd, eps) if p.numel()
-                   else p for p in parts])
-    red = [ops["batch_norm_backward_reduce"](g, p, mean, invstd, weight, True, True, True)
-           for g, p in zip(dys, parts, strict=True) if p.numel()]
+    y = torch.cat(
+        [
+            ops["batch_norm_elemt"](p, weight, bias, mean, invstd, eps) if p.numel() else p
+            for p in parts
+        ]
+    )
+    red = [
+        ops["batch_norm_backward_reduce"](g, p, mean, invstd, weight, True, True, True)
+        for g, p in zip(dys, parts, strict=True)
+        if p.numel()
+    ]
     sum_dy, sum_dy_xmu = sum(r[0] for r in red), sum(r[1] for r in red)
-    dx = torch.cat([ops["batch_norm_backward_elemt"](g, p, mean, invstd, weight, sum_dy,
-                                                     sum_dy_xmu, counts.to(torch.int32))
-                    if p.numel() else g for g, p in zip(dys, parts, strict=True)])
+    dx = torch.cat(
+        [
+            ops["batch_norm_backward_elemt"](
+                g, p, mean, invstd, weight, sum_dy, sum_dy_xmu, counts.to(torch.int32)
+            )
+            if p.numel()
+            else g
+            for g, p in zip(dys, parts, strict=True)
+        ]
+    )
     return y, dx, sum(r[2] for r in red), sum(r[3] for r in red), rm, rv
 
 
@@ -215,8 +279,9 @@ class TestTorchStandIns:
             mean, invstd = ops["batch_norm_stats"](input.float(), eps)
             return mean.double(), invstd.double()
 
-        monkeypatch.setattr(torch_adapter, "cpu_sync_ops",
-                            lambda: {**ops, "batch_norm_stats": stats_in_float32})
+        monkeypatch.setattr(
+            torch_adapter, "cpu_sync_ops", lambda: {**ops, "batch_norm_stats": stats_in_float32}
+        )
         with pytest.raises(AssertionError, match="Mismatched elements"):
             self._compare("float64", 1e-14, (6, 2), (1, 5))
 
@@ -231,12 +296,18 @@ class TestTorchStandIns:
         dy = torch.randn(shape, generator=g, dtype=dt)
         w, b = torch.rand(c, dtype=dt) + 0.5, torch.randn(c, dtype=dt)
         args = (w, b, torch.randn(c, dtype=dt), torch.rand(c, dtype=dt) + 0.5, 0.1, 1e-5, dy)
-        ours = _stand_in_sync_bn(x, list(splits), *(a.clone() if torch.is_tensor(a) else a
-                                                    for a in args[:4]), *args[4:])
-        theirs = _torch_batch_norm(x, *(a.clone() if torch.is_tensor(a) else a
-                                        for a in args[:4]), *args[4:])
-        for name, a, t in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"),
-                              ours, theirs, strict=True):
+        ours = _stand_in_sync_bn(
+            x, list(splits), *(a.clone() if torch.is_tensor(a) else a for a in args[:4]), *args[4:]
+        )
+        theirs = _torch_batch_norm(
+            x, *(a.clone() if torch.is_tensor(a) else a for a in args[:4]), *args[4:]
+        )
+        for name, a, t in zip(
+            ("y", "dx", "dweight", "dbias", "running_mean", "running_var"),
+            ours,
+            theirs,
+            strict=True,
+        ):
             a, t = a.double().numpy(), t.double().numpy()
             scale = np.abs(t).max()
             np.testing.assert_allclose(a, t, rtol=0, atol=rtol * scale, err_msg=name)
@@ -247,10 +318,20 @@ class TestTorchStandIns:
 
         x = torch.tensor([[0.0], [1.0], [10.0], [12.0]], dtype=torch.float64)
         w, b, dy = torch.ones(1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype), torch.ones_like(x)
-        synced = _stand_in_sync_bn(x, [2, 2], w, b, torch.zeros(1, dtype=x.dtype),
-                                   torch.ones(1, dtype=x.dtype), 0.1, 1e-5, dy)[0]
-        local = torch.cat([F.batch_norm(p, None, None, w, b, training=True, eps=1e-5)
-                           for p in torch.split(x, 2)])
+        synced = _stand_in_sync_bn(
+            x,
+            [2, 2],
+            w,
+            b,
+            torch.zeros(1, dtype=x.dtype),
+            torch.ones(1, dtype=x.dtype),
+            0.1,
+            1e-5,
+            dy,
+        )[0]
+        local = torch.cat(
+            [F.batch_norm(p, None, None, w, b, training=True, eps=1e-5) for p in torch.split(x, 2)]
+        )
         assert (synced - local).abs().max() > 0.5
 
 
@@ -270,18 +351,21 @@ class TestTorchAdapter:
 
     def test_checker_rejects_torch_where_another_convention_is_expected(self):
         probe = probe_cases("torch")["running_stats"]
-        cases = {"torch_rules": probe,
-                 # the same step expected under the reference rules (biased running variance);
-                 # momentum 0.75 "retain" is the batch weight 0.25 torch is given
-                 "reference_rules": dataclasses.replace(probe, convention="reference",
-                                                        momentum=0.75)}
+        cases = {
+            "torch_rules": probe,
+            # the same step expected under the reference rules (biased running variance);
+            # momentum 0.75 "retain" is the batch weight 0.25 torch is given
+            "reference_rules": dataclasses.replace(probe, convention="reference", momentum=0.75),
+        }
         outcomes = adapters.run("torch", cases, timeout=120)
         report = adapters.check_outcomes(cases, outcomes)
         failed = {(n, q.quantity) for n, qs in report.checks.items() for q in qs if not q.passed}
         assert failed == {("reference_rules", "running_var")}
         # the running means agree: the momentum was handed over in torch's meaning
-        np.testing.assert_array_equal(outcomes["torch_rules"].outputs[0]["running_mean"],
-                                      outcomes["reference_rules"].outputs[0]["running_mean"])
+        np.testing.assert_array_equal(
+            outcomes["torch_rules"].outputs[0]["running_mean"],
+            outcomes["reference_rules"].outputs[0]["running_mean"],
+        )
 
 
 @needs_flax
@@ -303,11 +387,18 @@ def test_conform_keras_fingerprints_count_weighting(tmp_path):
 
 
 def test_adapters_and_conform_import_no_framework():
-    code = ("import sys, refsyncbn.adapters.torch, refsyncbn.adapters.flax, "
-            "refsyncbn.adapters.keras, refsyncbn.cli.conform\n"
-            "print([m for m in ('torch', 'jax', 'flax', 'tensorflow', 'keras') "
-            "if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, refsyncbn.adapters.torch, refsyncbn.adapters.flax, "
+        "refsyncbn.adapters.keras, refsyncbn.cli.conform\n"
+        "print([m for m in ('torch', 'jax', 'flax', 'tensorflow', 'keras') "
+        "if m in sys.modules])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

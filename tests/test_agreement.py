@@ -39,33 +39,55 @@ def _every_rank_raises(body, size=3, timeout=10.0):
 
 def _forward_with(deviation, rank=1):
     """Every rank calls forward(X, **BASE); ``rank`` also passes ``deviation``."""
+
     def body(comm):
         kwargs = {**BASE, **(deviation if comm.rank == rank else {})}
         return forward(kwargs.pop("x", X), comm=comm, **kwargs).y
+
     return body
 
 
 class TestForwardSignature:
-    @pytest.mark.parametrize(("deviation", "message"), [
-        ({"x": X[:, :2], "running_mean": np.zeros(2), "running_var": np.ones(2)},
-         "rank 1 passed 2 channels, rank 0 passed 3 channels"),
-        ({"x": X.astype(np.float32)}, "rank 1 passed dtype float32, rank 0 passed dtype float64"),
-        ({"x": X.reshape(4, 2, 3), "data_format": "NLC"},
-         "rank 1 passed data_format NLC, rank 0 passed data_format NCL"),
-        ({"variance": "naive"}, "rank 1 passed variance naive, rank 0 passed variance stable"),
-        ({"convention": "torch", "momentum": 0.1},
-         "rank 1 passed momentum_meaning update, rank 0 passed momentum_meaning retain"),
-        ({"convention": "paddle"}, "rank 1 passed weighting equal, rank 0 passed weighting count"),
-        ({"eps": np.nextafter(1e-5, 1.0)},
-         "rank 1 passed eps=1.0000000000000003e-05, rank 0 passed eps=1e-05"),
-        ({"momentum": 0.9000000000000001},
-         "rank 1 passed momentum=0.9000000000000001, rank 0 passed momentum=0.9"),
-        ({"mask": np.ones((4, 2), bool)}, "rank 1 passed mask given, rank 0 passed mask None"),
-        ({"running_mean": None, "running_var": None},
-         "rank 1 passed running statistics None, rank 0 passed running statistics given"),
-    ])
-    def test_a_different_field_on_one_rank_raises_on_every_rank_naming_it(self, deviation,
-                                                                            message):
+    @pytest.mark.parametrize(
+        ("deviation", "message"),
+        [
+            (
+                {"x": X[:, :2], "running_mean": np.zeros(2), "running_var": np.ones(2)},
+                "rank 1 passed 2 channels, rank 0 passed 3 channels",
+            ),
+            (
+                {"x": X.astype(np.float32)},
+                "rank 1 passed dtype float32, rank 0 passed dtype float64",
+            ),
+            (
+                {"x": X.reshape(4, 2, 3), "data_format": "NLC"},
+                "rank 1 passed data_format NLC, rank 0 passed data_format NCL",
+            ),
+            ({"variance": "naive"}, "rank 1 passed variance naive, rank 0 passed variance stable"),
+            (
+                {"convention": "torch", "momentum": 0.1},
+                "rank 1 passed momentum_meaning update, rank 0 passed momentum_meaning retain",
+            ),
+            (
+                {"convention": "paddle"},
+                "rank 1 passed weighting equal, rank 0 passed weighting count",
+            ),
+            (
+                {"eps": np.nextafter(1e-5, 1.0)},
+                "rank 1 passed eps=1.0000000000000003e-05, rank 0 passed eps=1e-05",
+            ),
+            (
+                {"momentum": 0.9000000000000001},
+                "rank 1 passed momentum=0.9000000000000001, rank 0 passed momentum=0.9",
+            ),
+            ({"mask": np.ones((4, 2), bool)}, "rank 1 passed mask given, rank 0 passed mask None"),
+            (
+                {"running_mean": None, "running_var": None},
+                "rank 1 passed running statistics None, rank 0 passed running statistics given",
+            ),
+        ],
+    )
+    def test_a_different_field_on_one_rank_raises_on_every_rank_naming_it(self, deviation, message):
         errors = _every_rank_raises(_forward_with(deviation))
         for text in errors.values():
             assert text == f"forward: {message}; every rank of the group must agree"
@@ -74,12 +96,15 @@ class TestForwardSignature:
         # The issue's case: torch and reference both weight by count; the running
         # statistics would silently differ. The first differing rule is named.
         errors = _every_rank_raises(_forward_with({"convention": "torch"}))
-        assert "rank 1 passed momentum_meaning update, rank 0 passed momentum_meaning retain" in (
-            errors[0])
+        assert (
+            "rank 1 passed momentum_meaning update, rank 0 passed momentum_meaning retain"
+            in (errors[0])
+        )
 
     def test_the_same_call_on_every_rank_passes_and_equal_floats_pass(self):
         def body(comm):
             return forward(X, comm=comm, eps=1e-5, momentum=0.9, **BASE).y.tobytes()
+
         out = SimulatedWorld(3).run(body)
         assert len(set(out)) == 1
 
@@ -87,25 +112,28 @@ class TestForwardSignature:
         def body(comm):
             eps = {0: 1e-5, 1: 1e-5, 2: 1e-3, 3: 1e-4}[comm.rank]
             return forward(X, comm=comm, eps=eps, **BASE)
+
         errors = _every_rank_raises(body, size=4)
-        assert all("rank 2 passed eps=0.001, rank 0 passed eps=1e-05" in e
-                   for e in errors.values())
+        assert all("rank 2 passed eps=0.001, rank 0 passed eps=1e-05" in e for e in errors.values())
 
     def test_a_bad_format_on_one_rank_is_named_by_the_others(self):
         errors = _every_rank_raises(_forward_with({"data_format": "NXC"}, rank=2))
         assert errors[2].startswith("data_format is 'NXC'; expected one of")
         for r in (0, 1):
-            assert errors[r].startswith("forward: rank(s) [2] of the group rejected their own "
-                                        "inputs")
+            assert errors[r].startswith(
+                "forward: rank(s) [2] of the group rejected their own inputs"
+            )
 
 
 class TestCallSequences:
     def test_eval_on_one_rank_while_the_others_train_raises_instead_of_hanging(self):
         errors = _every_rank_raises(_forward_with({"training": False}))
         for text in errors.values():
-            assert ("forward: rank 1 is in forward(training=False) call #1, rank 0 in "
-                    "forward(training=True) call #1; every rank of the group must make the same "
-                    "calls in the same order") == text
+            assert (
+                "forward: rank 1 is in forward(training=False) call #1, rank 0 in "
+                "forward(training=True) call #1; every rank of the group must make the same "
+                "calls in the same order"
+            ) == text
 
     def test_a_second_forward_on_one_rank_while_the_others_go_to_backward(self):
         def body(comm):
@@ -116,16 +144,26 @@ class TestCallSequences:
 
         errors = _every_rank_raises(body)
         body_text = "rank 1 is in forward(training=False) call #2, rank 0 in backward call #1"
-        assert errors[1] == f"forward: {body_text}; every rank of the group must make the " \
-                            f"same calls in the same order"
+        assert (
+            errors[1] == f"forward: {body_text}; every rank of the group must make the "
+            f"same calls in the same order"
+        )
         for r in (0, 2):
             assert errors[r].startswith(f"backward: {body_text}")
 
-    @pytest.mark.parametrize(("deviation", "message"), [
-        ({"param_grads": "sum"}, "rank 2 passed param_grads sum, rank 0 passed param_grads local"),
-        ({"dy": np.ones_like(X, dtype=np.float32)},
-         "rank 2 passed dtype float32, rank 0 passed dtype float64"),
-    ])
+    @pytest.mark.parametrize(
+        ("deviation", "message"),
+        [
+            (
+                {"param_grads": "sum"},
+                "rank 2 passed param_grads sum, rank 0 passed param_grads local",
+            ),
+            (
+                {"dy": np.ones_like(X, dtype=np.float32)},
+                "rank 2 passed dtype float32, rank 0 passed dtype float64",
+            ),
+        ],
+    )
     def test_backward_fields_differ(self, deviation, message):
         def body(comm):
             res = forward(X, np.ones(3), np.zeros(3), comm=comm, **BASE)
@@ -133,8 +171,9 @@ class TestCallSequences:
             return backward(kw.pop("dy", np.ones_like(X)), res.saved, **kw)
 
         errors = _every_rank_raises(body)
-        assert all(e == f"backward: {message}; every rank of the group must agree"
-                   for e in errors.values())
+        assert all(
+            e == f"backward: {message}; every rank of the group must agree" for e in errors.values()
+        )
 
     def test_ranks_back_in_step_after_a_caught_mismatch_work_again(self):
         def body(comm):
@@ -156,10 +195,13 @@ class TestCallSequences:
         errors = info.value.errors
         assert sorted(errors) == [0, 2]
         timeouts = [str(e) for e in errors.values() if isinstance(e, CollectiveTimeout)]
-        assert timeouts and all(isinstance(e, (CollectiveTimeout, PeerAborted))
-                                for e in errors.values())
-        assert ("SimulatedWorld: forward(training=True) call #1 (agreement) did not complete "
-                "within 0.3 s on the simulated world") in timeouts[0]
+        assert timeouts and all(
+            isinstance(e, (CollectiveTimeout, PeerAborted)) for e in errors.values()
+        )
+        assert (
+            "SimulatedWorld: forward(training=True) call #1 (agreement) did not complete "
+            "within 0.3 s on the simulated world"
+        ) in timeouts[0]
         assert "rank(s) [1] never arrived" in timeouts[0]
 
 
@@ -169,30 +211,34 @@ class TestCost:
             counting = CountingComm(comm)
             body(counting)
             return counting.tally.calls
+
         return SimulatedWorld(size).run(step) if size > 1 else [step(LocalComm())]
 
     def test_eval_passes_cost_one_tiny_agreement_and_no_data(self):
         def body(comm):
             res = forward(X, comm=comm, **{**BASE, "training": False})
             backward(np.ones_like(X), res.saved)
+
         assert self._tally(2, body) == [{"agree": 2, "data": 0}] * 2
 
     def test_a_one_rank_communicator_skips_the_agreement(self):
         def body(comm):
             res = forward(X, comm=comm, **BASE)
             backward(np.ones_like(X), res.saved)
+
         # ... and, having nothing to combine, no data collective either
         assert self._tally(1, body) == [{"agree": 0, "data": 0}]
-        assert SimulatedWorld(1).run(lambda c: self._tally(1, body)) == [[{"agree": 0,
-                                                                             "data": 0}]]
+        assert SimulatedWorld(1).run(lambda c: self._tally(1, body)) == [[{"agree": 0, "data": 0}]]
 
     def test_too_many_fields_is_a_programming_error(self):
         fields = {f"f{i}": 0 for i in range(MAX_FIELDS + 1)}
-        with pytest.raises(ValueError, match=f"agree: {MAX_FIELDS + 1} fields given; expected "
-                                             f"at most {MAX_FIELDS}"):
+        with pytest.raises(
+            ValueError, match=f"agree: {MAX_FIELDS + 1} fields given; expected at most {MAX_FIELDS}"
+        ):
             agree(LocalComm(), "demo", None, fields)
-        SimulatedWorld(2).run(lambda comm: agree(comm, "demo", None, dict(list(
-            fields.items())[:MAX_FIELDS])))
+        SimulatedWorld(2).run(
+            lambda comm: agree(comm, "demo", None, dict(list(fields.items())[:MAX_FIELDS]))
+        )
 
 
 def _chan(records, *, xp):
@@ -214,22 +260,45 @@ class TestOwnerComputes:
         c = -(-OWNER_MIN_BYTES // (4 * 3 * 8))  # P = 4 ranks, k = 3 rows: the first c at it
         assert block_width(4, 3, c) == -(-c // 4)
         assert block_width(4, 3, c - 1) is None
-        assert block_width(4, 3, 3) is None      # tiny records
-        assert block_width(4096, 3, 64) == 1     # fewer channels than ranks: padded blocks
+        assert block_width(4, 3, 3) is None  # tiny records
+        assert block_width(4096, 3, 64) == 1  # fewer channels than ranks: padded blocks
         assert block_width(2, 3, 10**6) is None  # two ranks: all-gather moves no more
         assert block_width(1, 3, 10**6) is None  # one rank
 
-    @pytest.mark.parametrize(("size", "c"), [(2, 4096), (3, 5000), (5, 1003), (8, 4099),
-                                             (4, 65536), (3, 7), (64, 48),
-                                             (3, 20000), (8, 6007), (160, 300), (300, 200)])
+    @pytest.mark.parametrize(
+        ("size", "c"),
+        [
+            (2, 4096),
+            (3, 5000),
+            (5, 1003),
+            (8, 4099),
+            (4, 65536),
+            (3, 7),
+            (64, 48),
+            (3, 20000),
+            (8, 6007),
+            (160, 300),
+            (300, 200),
+        ],
+    )
     def test_bitwise_equal_to_the_function_on_the_whole_stack(self, size, c):
         rng = np.random.default_rng(size * c)
-        records = np.stack([np.stack([rng.integers(0, 50, c).astype(float),
-                                      rng.standard_normal(c) * 10.0 ** rng.integers(-8, 8, c),
-                                      rng.uniform(0, 5, c)]) for _ in range(size)])
+        records = np.stack(
+            [
+                np.stack(
+                    [
+                        rng.integers(0, 50, c).astype(float),
+                        rng.standard_normal(c) * 10.0 ** rng.integers(-8, 8, c),
+                        rng.uniform(0, 5, c),
+                    ]
+                )
+                for _ in range(size)
+            ]
+        )
         want = _chan(records, xp=np)
-        out = SimulatedWorld(size).run(lambda comm, rec: comm.combine(rec, _chan, xp=np),
-                                       list(records))
+        out = SimulatedWorld(size).run(
+            lambda comm, rec: comm.combine(rec, _chan, xp=np), list(records)
+        )
         for got in out:
             assert got.shape == (4, c)
             assert got.tobytes() == want.tobytes()

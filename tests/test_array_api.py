@@ -53,14 +53,25 @@ class TestArrayApiStrictOnANonDefaultDevice:
         rng = np.random.default_rng(0)
         xn, dyn = rng.normal(size=(4, 3, 5)), rng.normal(size=(4, 3, 5))
         wn, bn = rng.normal(size=3), rng.normal(size=3)
-        res = forward(_to_strict(xn), _to_strict(wn), _to_strict(bn),
-                      running_mean=_to_strict(np.zeros(3)), running_var=_to_strict(np.ones(3)),
-                      data_format="NCL")
+        res = forward(
+            _to_strict(xn),
+            _to_strict(wn),
+            _to_strict(bn),
+            running_mean=_to_strict(np.zeros(3)),
+            running_var=_to_strict(np.ones(3)),
+            data_format="NCL",
+        )
         g = backward(_to_strict(dyn), res.saved)
-        ref = forward(xn, wn, bn, running_mean=np.zeros(3), running_var=np.ones(3),
-                      data_format="NCL")
+        ref = forward(
+            xn, wn, bn, running_mean=np.zeros(3), running_var=np.ones(3), data_format="NCL"
+        )
         gref = backward(dyn, ref.saved)
-        for got, want in ((res.y, ref.y), (res.running_var, ref.running_var), (g.dx, gref.dx),
-                          (g.dweight, gref.dweight), (g.dbias, gref.dbias)):
+        for got, want in (
+            (res.y, ref.y),
+            (res.running_var, ref.running_var),
+            (g.dx, gref.dx),
+            (g.dweight, gref.dweight),
+            (g.dbias, gref.dbias),
+        ):
             assert got.device == DEVICE
             np.testing.assert_allclose(_to_numpy(got), want, rtol=1e-13, atol=1e-14)

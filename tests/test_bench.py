@@ -36,12 +36,20 @@ def _check_results(results, world_size):
         # [sum dy, sum dy*xhat] per channel in float64, and one int64 agreement;
         # one rank: no collective at all
         k = int(world_size > 1)
-        assert r["collectives"] == {"forward": {"data": k, "agree": k},
-                                    "backward": {"data": k, "agree": k}}
+        assert r["collectives"] == {
+            "forward": {"data": k, "agree": k},
+            "backward": {"data": k, "agree": k},
+        }
         assert r["bytes_per_pass"]["forward"]["data"] == k * 4 * c * 8
         assert r["bytes_per_pass"]["backward"]["data"] == k * 2 * c * 8
-        for key in ("forward_ms", "backward_ms", "step_ms", "copy_ms", "bound_ms",
-                    "ratio_to_bound"):
+        for key in (
+            "forward_ms",
+            "backward_ms",
+            "step_ms",
+            "copy_ms",
+            "bound_ms",
+            "ratio_to_bound",
+        ):
             assert r[key] > 0, key
         assert r["backend"] in ("numpy", "numba") and r["calls_per_repetition"] >= 1
         if r["torch_ms"] is not None:
@@ -54,8 +62,17 @@ def _check_results(results, world_size):
 def test_bench_under_mpiexec_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "bench.json"
     args = [a for c in CASES for a in ("--case", c)]
-    args += ["--repeat", "2", "--warmup", "1", "--no-progress", "--json", str(out),
-             "--markdown", str(tmp_path / "bench.md")]
+    args += [
+        "--repeat",
+        "2",
+        "--warmup",
+        "1",
+        "--no-progress",
+        "--json",
+        str(out),
+        "--markdown",
+        str(tmp_path / "bench.md"),
+    ]
     if HAS_MPL:
         args += ["--plot", str(tmp_path / "bench.png")]
     proc = mpirun(2, "scripts/bench_syncbn.py", *args, timeout=300)
@@ -73,8 +90,20 @@ def test_bench_under_mpiexec_writes_json_table_and_plot(tmp_path):
 def test_bench_plot_is_a_png(tmp_path):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--case", CASES[0], "--repeat", "1", "--warmup", "0",
-                              "--no-torch", "--no-progress", "--plot", str(tmp_path / "b.png")])
+    args = parser.parse_args(
+        [
+            "--case",
+            CASES[0],
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--no-torch",
+            "--no-progress",
+            "--plot",
+            str(tmp_path / "b.png"),
+        ]
+    )
     assert bench.main(args) == 0
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -83,8 +112,18 @@ def test_bench_in_one_process_reports_no_scaling(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = [a for c in CASES for a in ("--case", c)]
-    args = parser.parse_args([*args, "--repeat", "1", "--warmup", "0", "--no-progress",
-                              "--json", str(tmp_path / "b.json")])
+    args = parser.parse_args(
+        [
+            *args,
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--no-progress",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert bench.main(args) == 0
     _check_results(json.loads((tmp_path / "b.json").read_text())["results"], world_size=1)
     assert "| NCHW | 5x3x4x4 | float32 | 1 |" in capsys.readouterr().out
@@ -96,9 +135,24 @@ def test_bench_runs_and_names_the_forced_backend(tmp_path, backend):
         pytest.skip("needs numba")
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--case", "NCL:4x3x5", "--dtype", "float64", "--repeat", "1",
-                              "--warmup", "0", "--no-torch", "--no-progress", "--backend",
-                              backend, "--json", str(tmp_path / "b.json")])
+    args = parser.parse_args(
+        [
+            "--case",
+            "NCL:4x3x5",
+            "--dtype",
+            "float64",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--no-torch",
+            "--no-progress",
+            "--backend",
+            backend,
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert bench.main(args) == 0
     (result,) = json.loads((tmp_path / "b.json").read_text())["results"]
     assert result["backend"] == backend and result["dtype"] == "float64"
@@ -121,8 +175,16 @@ def test_small_batch_study_under_mpiexec(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     # 2 shifts x world sizes 1..2 x 2 batch sizes x 3 methods
     assert len(rows) == 24
-    assert {"shift", "world_size", "batch", "method", "splits", "mean_err", "var_err",
-            "y_rms"} <= set(rows[0])
+    assert {
+        "shift",
+        "world_size",
+        "batch",
+        "method",
+        "splits",
+        "mean_err",
+        "var_err",
+        "y_rms",
+    } <= set(rows[0])
     for r in rows:
         if r["method"] == "sync" or r["world_size"] == 1:
             assert r["y_rms"] < 1e-12 and r["mean_err"] < 1e-12, r  # exact

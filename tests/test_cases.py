@@ -26,8 +26,9 @@ FIELDS = [f.name for f in dataclasses.fields(Case)]
 
 def _small_case(**changes):
     x = np.arange(12.0).reshape(4, 3)
-    base = dict(x=x, running_mean=np.zeros(3), running_var=np.ones(3), splits=(1, 0, 3),
-                data_format="NC")
+    base = dict(
+        x=x, running_mean=np.zeros(3), running_var=np.ones(3), splits=(1, 0, 3), data_format="NC"
+    )
     return Case(**{**base, **changes})
 
 
@@ -83,22 +84,28 @@ class TestCaseHelpers:
 
 
 class TestCaseErrorsNameTheKey:
-    @pytest.mark.parametrize(("changes", "match"), [
-        ({"data_format": "NCHW"}, "key 'x' has shape"),
-        ({"data_format": "CN"}, "key 'data_format' is 'CN'"),
-        ({"convention": "jax"}, "key 'convention' is 'jax'"),
-        ({"weight": np.ones(2), "bias": np.ones(2)}, r"key 'weight' has shape \(2,\)"),
-        ({"weight": np.ones(3)}, "keys 'weight' and 'bias' must be both present"),
-        ({"running_var": np.ones(4)}, r"key 'running_var' has shape \(4,\); expected \(3,\)"),
-        ({"dy": np.ones((4, 2))}, r"key 'dy' has shape \(4, 2\)"),
-        ({"mask": np.ones((4, 3), bool)}, r"key 'mask' has shape \(4, 3\); expected \(4,\)"),
-        ({"splits": (1, 1)}, r"key 'splits' is \[1, 1\]; expected .* summing to x.shape\[0\] = 4"),
-        ({"splits": (5, -1)}, r"key 'splits' is \[5, -1\]"),
-        ({"splits": ()}, r"key 'splits' is \[\]"),
-        ({"groups": [[0, 1]]}, "key 'groups' is .*every rank of the world"),
-        ({"groups": [[0, 1], [1, 2]]}, "key 'groups': .*rank 1 is in group 0 and group 1"),
-        ({"variance": "two_pass"}, r"key 'variance' is 'two_pass'; expected one of \('stable'"),
-    ])
+    @pytest.mark.parametrize(
+        ("changes", "match"),
+        [
+            ({"data_format": "NCHW"}, "key 'x' has shape"),
+            ({"data_format": "CN"}, "key 'data_format' is 'CN'"),
+            ({"convention": "jax"}, "key 'convention' is 'jax'"),
+            ({"weight": np.ones(2), "bias": np.ones(2)}, r"key 'weight' has shape \(2,\)"),
+            ({"weight": np.ones(3)}, "keys 'weight' and 'bias' must be both present"),
+            ({"running_var": np.ones(4)}, r"key 'running_var' has shape \(4,\); expected \(3,\)"),
+            ({"dy": np.ones((4, 2))}, r"key 'dy' has shape \(4, 2\)"),
+            ({"mask": np.ones((4, 3), bool)}, r"key 'mask' has shape \(4, 3\); expected \(4,\)"),
+            (
+                {"splits": (1, 1)},
+                r"key 'splits' is \[1, 1\]; expected .* summing to x.shape\[0\] = 4",
+            ),
+            ({"splits": (5, -1)}, r"key 'splits' is \[5, -1\]"),
+            ({"splits": ()}, r"key 'splits' is \[\]"),
+            ({"groups": [[0, 1]]}, "key 'groups' is .*every rank of the world"),
+            ({"groups": [[0, 1], [1, 2]]}, "key 'groups': .*rank 1 is in group 0 and group 1"),
+            ({"variance": "two_pass"}, r"key 'variance' is 'two_pass'; expected one of \('stable'"),
+        ],
+    )
     def test_constructor(self, changes, match):
         with pytest.raises(ValueError, match=match):
             _small_case(**changes)
@@ -112,17 +119,20 @@ class TestCaseErrorsNameTheKey:
         np.savez(path, **data)
         return path
 
-    @pytest.mark.parametrize(("changes", "match"), [
-        ({"schema": np.str_("refsyncbn case v2")}, "key 'schema' is 'refsyncbn case v2'"),
-        ({"schema": None}, "key 'schema' is ''"),
-        ({"x": None}, "key 'x' is missing"),
-        ({"splits": None}, "key 'splits' is missing"),
-        ({"splits": np.array([1.0, 3.0])}, "key 'splits' has shape .* dtype float64"),
-        ({"groups": np.array([0, 1, 2])}, r"key 'groups' has shape \(3,\); expected a 2-D int"),
-        ({"extra": np.ones(1)}, r"unknown key\(s\) \['extra'\]"),
-        ({"running_mean": np.ones(5)}, "key 'running_mean' has shape"),
-        ({"variance": np.str_("sumsq")}, "key 'variance' is 'sumsq'"),
-    ])
+    @pytest.mark.parametrize(
+        ("changes", "match"),
+        [
+            ({"schema": np.str_("refsyncbn case v2")}, "key 'schema' is 'refsyncbn case v2'"),
+            ({"schema": None}, "key 'schema' is ''"),
+            ({"x": None}, "key 'x' is missing"),
+            ({"splits": None}, "key 'splits' is missing"),
+            ({"splits": np.array([1.0, 3.0])}, "key 'splits' has shape .* dtype float64"),
+            ({"groups": np.array([0, 1, 2])}, r"key 'groups' has shape \(3,\); expected a 2-D int"),
+            ({"extra": np.ones(1)}, r"unknown key\(s\) \['extra'\]"),
+            ({"running_mean": np.ones(5)}, "key 'running_mean' has shape"),
+            ({"variance": np.str_("sumsq")}, "key 'variance' is 'sumsq'"),
+        ],
+    )
     def test_reader(self, tmp_path, changes, match):
         path = self._write(tmp_path / "bad.npz", **changes)
         with pytest.raises(ValueError, match=match) as info:
@@ -136,7 +146,9 @@ class TestCaseErrorsNameTheKey:
         garbage.write_text("not a zip file")
         with pytest.raises(ValueError, match=r"holds a single array; expected an \.npz archive"):
             read_case(single)
-        with pytest.raises(ValueError, match=re.escape(f"{garbage}: not a readable .npz case file")):
+        with pytest.raises(
+            ValueError, match=re.escape(f"{garbage}: not a readable .npz case file")
+        ):
             read_case(garbage)
         with pytest.raises(ValueError, match=r"not a readable \.npz case file"):
             read_case(tmp_path / "missing.npz")
@@ -161,18 +173,28 @@ class TestVarianceChoice:
             np.savez(path, **{k: f[k] for k in f.files if k != "variance"})
         assert read_case(path).variance == "stable"
 
-    @pytest.mark.parametrize(("in_file", "flag", "used"), [
-        ("naive", None, "naive"), ("stable", None, "stable"), ("naive", "stable", "stable"),
-        ("stable", "naive", "naive")])
+    @pytest.mark.parametrize(
+        ("in_file", "flag", "used"),
+        [
+            ("naive", None, "naive"),
+            ("stable", None, "stable"),
+            ("naive", "stable", "stable"),
+            ("stable", "naive", "naive"),
+        ],
+    )
     def test_run_uses_the_file_choice_unless_overridden(self, tmp_path, in_file, flag, used):
         write_case(tmp_path / "c.npz", self._case(variance=in_file))
         argv = ["run", str(tmp_path / "c.npz"), str(tmp_path / "o"), "--world", "2"]
         assert cli_main(argv + ([] if flag is None else ["--variance", flag])) == 0
         got = read_result(tmp_path / "o" / "rank0.npz")["running_var"]
         write_case(tmp_path / "ref.npz", self._case(variance=used))
-        assert cli_main(["run", str(tmp_path / "ref.npz"), str(tmp_path / "r"), "--world", "2"]) == 0
+        assert (
+            cli_main(["run", str(tmp_path / "ref.npz"), str(tmp_path / "r"), "--world", "2"]) == 0
+        )
         np.testing.assert_array_equal(got, read_result(tmp_path / "r" / "rank0.npz")["running_var"])
         other = self._case(variance="naive" if used == "stable" else "stable")
         write_case(tmp_path / "other.npz", other)
-        assert cli_main(["run", str(tmp_path / "other.npz"), str(tmp_path / "x"), "--world", "2"]) == 0
+        assert (
+            cli_main(["run", str(tmp_path / "other.npz"), str(tmp_path / "x"), "--world", "2"]) == 0
+        )
         assert (got != read_result(tmp_path / "x" / "rank0.npz")["running_var"]).any()

@@ -33,10 +33,16 @@ def _failed(report):
 
 
 def _expected_traits(conv):
-    return {"momentum_meaning": conv.momentum_meaning, "running_var": conv.running_var,
-            "weighting": conv.weighting, "param_grads": conv.param_grads,
-            "eps_placement": "inside_sqrt", "eps_value": "as given",
-            "variance": "cancellation-free", "empty_rank": conv.empty_rank}
+    return {
+        "momentum_meaning": conv.momentum_meaning,
+        "running_var": conv.running_var,
+        "weighting": conv.weighting,
+        "param_grads": conv.param_grads,
+        "eps_placement": "inside_sqrt",
+        "eps_value": "as given",
+        "variance": "cancellation-free",
+        "empty_rank": conv.empty_rank,
+    }
 
 
 class TestReference:
@@ -61,27 +67,61 @@ class TestReference:
 
 WRONG = [
     # (bug, candidate convention, expected convention, trait, named value, failing output)
-    ("biased where unbiased expected", dataclasses.replace(TORCH, running_var="biased"), "torch",
-     "running_var", "biased", "running_var"),
-    ("local correction where global expected",
-     dataclasses.replace(TORCH, running_var="unbiased_local"), "torch", "running_var",
-     "unbiased_local", "running_var"),
-    ("equal weighting instead of count", dataclasses.replace(REFERENCE, weighting="equal"),
-     "reference", "weighting", "equal", "y"),
-    ("update meaning instead of retain",
-     dataclasses.replace(REFERENCE, momentum_meaning="update"), "reference", "momentum_meaning",
-     "update", "running_mean"),
-    ("summed instead of local param grads", dataclasses.replace(REFERENCE, param_grads="sum"),
-     "reference", "param_grads", "sum", "dbias"),
-    ("averaged instead of summed param grads",
-     dataclasses.replace(CONVENTIONS["mindspore"], param_grads="mean"), "mindspore",
-     "param_grads", "mean", "dweight"),
+    (
+        "biased where unbiased expected",
+        dataclasses.replace(TORCH, running_var="biased"),
+        "torch",
+        "running_var",
+        "biased",
+        "running_var",
+    ),
+    (
+        "local correction where global expected",
+        dataclasses.replace(TORCH, running_var="unbiased_local"),
+        "torch",
+        "running_var",
+        "unbiased_local",
+        "running_var",
+    ),
+    (
+        "equal weighting instead of count",
+        dataclasses.replace(REFERENCE, weighting="equal"),
+        "reference",
+        "weighting",
+        "equal",
+        "y",
+    ),
+    (
+        "update meaning instead of retain",
+        dataclasses.replace(REFERENCE, momentum_meaning="update"),
+        "reference",
+        "momentum_meaning",
+        "update",
+        "running_mean",
+    ),
+    (
+        "summed instead of local param grads",
+        dataclasses.replace(REFERENCE, param_grads="sum"),
+        "reference",
+        "param_grads",
+        "sum",
+        "dbias",
+    ),
+    (
+        "averaged instead of summed param grads",
+        dataclasses.replace(CONVENTIONS["mindspore"], param_grads="mean"),
+        "mindspore",
+        "param_grads",
+        "mean",
+        "dweight",
+    ),
 ]
 
 
 class TestPlantedBugs:
-    @pytest.mark.parametrize(("bug", "conv", "expect", "trait", "value", "output"), WRONG,
-                             ids=[w[0] for w in WRONG])
+    @pytest.mark.parametrize(
+        ("bug", "conv", "expect", "trait", "value", "output"), WRONG, ids=[w[0] for w in WRONG]
+    )
     def test_convention_bug_is_caught_and_named(self, bug, conv, expect, trait, value, output):
         report = check(reference_candidate(conv), expect=expect)
         assert not report.passed
@@ -89,14 +129,14 @@ class TestPlantedBugs:
         traits = _values(report)
         assert traits[trait] == value, report.fingerprint[trait]
         right = _expected_traits(CONVENTIONS[expect])
-        assert {k: v for k, v in traits.items() if k != trait} == \
-            {k: v for k, v in right.items() if k != trait}
+        assert {k: v for k, v in traits.items() if k != trait} == {
+            k: v for k, v in right.items() if k != trait
+        }
 
     def test_float32_sum_of_squares_is_caught_and_named(self):
         report = check(lowprec_candidate("float32", "sumsq"))
         assert not report.passed
-        bad = {(name, c.quantity) for name, cs in report.checks.items() for c in cs
-               if not c.passed}
+        bad = {(name, c.quantity) for name, cs in report.checks.items() for c in cs if not c.passed}
         assert ("cancellation", "y") in bad and ("cancellation", "running_var") in bad
         trait = report.fingerprint["variance"]
         assert trait.value == "naive"
@@ -120,20 +160,34 @@ class TestPlantedBugs:
         assert "y" in _failed(report)
 
     def test_eps_outside_the_square_root_is_named(self):
-        def outside(x, dy, weight, bias, running_mean, running_var, *, eps, momentum, training,
-                    data_format, comm):
+        def outside(
+            x,
+            dy,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            *,
+            eps,
+            momentum,
+            training,
+            data_format,
+            comm,
+        ):
             # sqrt(var) + eps = sqrt(var + e') with e' = 2 eps sqrt(var) + eps^2
             rows = x.astype(np.float64)
             n = np.array([len(rows)], np.float64)
             tot = comm.allreduce_sum(np.concatenate([n, rows.sum(0), (rows**2).sum(0)]), xp=np)
             c = x.shape[1]
-            mean = tot[1:1 + c] / tot[0]
-            var = tot[1 + c:] / tot[0] - mean**2
+            mean = tot[1 : 1 + c] / tot[0]
+            var = tot[1 + c :] / tot[0] - mean**2
             y = (rows - mean) / (np.sqrt(var) + eps) * weight + bias
             return {"y": y.astype(x.dtype)}
 
-        traits = checker.fingerprint({"eps": probe_cases()["eps"]},
-                                     {"eps": checker.run_candidate(outside, probe_cases()["eps"])})
+        traits = checker.fingerprint(
+            {"eps": probe_cases()["eps"]},
+            {"eps": checker.run_candidate(outside, probe_cases()["eps"])},
+        )
         assert traits["eps_placement"].value == "outside_sqrt"
         assert traits["eps_value"].value == "as given"
 
@@ -161,8 +215,9 @@ class TestFrameworkFormulas:
     """The frameworks' own algorithms read as their presets (zoo formulas, tests/_candidates.py)."""
 
     def test_torch_per_rank_statistics_merged_by_count_read_torch(self):
-        torch_like = zoo_candidate(stats="two_pass", merge="count", stats_dtype="float64",
-                                   convention="torch")
+        torch_like = zoo_candidate(
+            stats="two_pass", merge="count", stats_dtype="float64", convention="torch"
+        )
         report = check(torch_like, expect="torch")
         assert report.passed, str(report)
         assert report.fingerprint["variance"].value == "per-rank-merged"
@@ -185,8 +240,9 @@ class TestFrameworkFormulas:
         assert report.presets == ("flax",)
 
     def test_a_torch_variant_with_its_own_eps_is_not_torch(self):
-        base = zoo_candidate(stats="two_pass", merge="count", stats_dtype="float64",
-                             convention="torch", eps=1e-3)
+        base = zoo_candidate(
+            stats="two_pass", merge="count", stats_dtype="float64", convention="torch", eps=1e-3
+        )
         report = check(base, expect="torch")
         assert report.fingerprint["eps_value"].value == "0.001"
         assert report.presets == ()
@@ -221,14 +277,26 @@ class TestClassifierThresholds:
         out = {}
         for name in ("two_pass", "stable"):
             model = ErrorModel("float32", name)
-            _, d_var = model.statistics_error(np.abs(x).mean(0), (x * x).mean(0), x.mean(0),
-                                              x.var(0), len(x), u=model.unit(np.float32))
+            _, d_var = model.statistics_error(
+                np.abs(x).mean(0),
+                (x * x).mean(0),
+                x.mean(0),
+                x.var(0),
+                len(x),
+                u=model.unit(np.float32),
+            )
             out[name] = float(np.min(model.safety * d_var / x.var(0)))
         return out
 
-    @pytest.mark.parametrize(("bound", "factor", "value"), [
-        ("two_pass", 0.3, "cancellation-free"), ("two_pass", 3, "per-rank-merged"),
-        ("stable", 0.3, "per-rank-merged"), ("stable", 3, "naive")])
+    @pytest.mark.parametrize(
+        ("bound", "factor", "value"),
+        [
+            ("two_pass", 0.3, "cancellation-free"),
+            ("two_pass", 3, "per-rank-merged"),
+            ("stable", 0.3, "per-rank-merged"),
+            ("stable", 3, "naive"),
+        ],
+    )
     def test_variance(self, bound, factor, value):
         rel = factor * self._variance_bounds()[bound]
         assert _normalized(var_factor=1 + rel)["variance"].value == value
@@ -242,13 +310,11 @@ class TestClassifierThresholds:
     def test_weighting(self, share, value):
         x = np.asarray(probe_cases()["weighting"].x, np.float64)
         splits = probe_cases()["weighting"].splits
-        gap = abs(x[:, 0].mean() - np.mean([x[:splits[0], 0].mean(), x[splits[0]:, 0].mean()]))
+        gap = abs(x[:, 0].mean() - np.mean([x[: splits[0], 0].mean(), x[splits[0] :, 0].mean()]))
         traits = _normalized(centre_shift=share * gap, probe="weighting")
         assert traits["weighting"].value == value
 
-
-    @pytest.mark.parametrize(("share", "value"), [(0.03, "unsynchronized"),
-                                                  (0.3, "unrecognized")])
+    @pytest.mark.parametrize(("share", "value"), [(0.03, "unsynchronized"), (0.3, "unrecognized")])
     def test_unsynchronized(self, share, value):
         case = probe_cases()["weighting"]
         x = np.asarray(case.x, np.float64)
@@ -256,13 +322,13 @@ class TestClassifierThresholds:
         gap = abs(x[:, 0].mean() - np.mean([p[:, 0].mean() for p in parts]))
 
         def local(x):  # each rank normalizes with its own statistics, shifted
-            return np.concatenate([(p - p.mean(0) - share * gap) / np.sqrt(p.var(0) + case.eps)
-                                   for p in parts])
+            return np.concatenate(
+                [(p - p.mean(0) - share * gap) / np.sqrt(p.var(0) + case.eps) for p in parts]
+            )
 
         assert _fingerprint_of("weighting", local)["weighting"].value == value
 
-    @pytest.mark.parametrize(("spread", "value"), [(0.005, "inside_sqrt"),
-                                                   (0.1, "unrecognized")])
+    @pytest.mark.parametrize(("spread", "value"), [(0.005, "inside_sqrt"), (0.1, "unrecognized")])
     def test_eps_placement(self, spread, value):
         case = probe_cases()["eps"]
         eps = case.eps * (1 + spread * np.arange(3))  # a different eps per channel
@@ -280,8 +346,9 @@ class TestGlobalBatch:
         assert _values(report) == dict(_expected_traits(CONVENTIONS["keras"]), param_grads="n/a")
         assert report.presets == ("reference", "keras")
 
-    @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                        reason="needs torch==2.13.0 (CPU)")
+    @pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None, reason="needs torch==2.13.0 (CPU)"
+    )
     def test_torch_batch_norm_with_autograd_is_fingerprinted_as_torch(self):
         import torch
 
@@ -337,10 +404,11 @@ class TestCommandLine:
         assert sorted(p.stem for p in tmp_path.glob("*.npz")) == sorted(probe_cases())
         assert read_case(tmp_path / "eps.npz").convention == "flax"
         lines = capsys.readouterr().out.splitlines()
-        listed = lines[:len(probe_cases())]
+        listed = lines[: len(probe_cases())]
         assert listed == sorted(listed) and str(tmp_path / "eps.npz") in listed
-        assert lines[-1].strip() == (f"python -m refsyncbn check {tmp_path.parent / 'outputs'} "
-                                     f"{tmp_path}")
+        assert lines[-1].strip() == (
+            f"python -m refsyncbn check {tmp_path.parent / 'outputs'} {tmp_path}"
+        )
 
     def test_golden_vectors_pass_and_a_corrupted_one_fails(self, tmp_path, capsys):
         write_vectors(tmp_path)
@@ -352,8 +420,17 @@ class TestCommandLine:
         data["dx"] = data["dx"] * 1.001
         write_result(path, **data)
         json_path, xml_path = tmp_path / "report.json", tmp_path / "report.xml"
-        assert _cli(str(tmp_path / "expected"), str(tmp_path / "cases"), "--json",
-                    str(json_path), "--junit-xml", str(xml_path)) == 1
+        assert (
+            _cli(
+                str(tmp_path / "expected"),
+                str(tmp_path / "cases"),
+                "--json",
+                str(json_path),
+                "--junit-xml",
+                str(xml_path),
+            )
+            == 1
+        )
         out = capsys.readouterr().out.splitlines()
         # one screen: header, the failing case, the passing count, verdict
         assert len(out) == 4, out
@@ -395,20 +472,22 @@ def test_same_fingerprint_under_mpiexec_as_in_a_simulated_world():
     proc = mpirun(2, "tests/mpi/checker_fingerprint.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT "))
-    under_mpi = json.loads(line[len("RESULT "):])
-    for name, candidate, expect in (("torch", reference_candidate("torch"), "torch"),
-                                    ("float32_sumsq", lowprec_candidate("float32", "sumsq"),
-                                     "reference")):
+    under_mpi = json.loads(line[len("RESULT ") :])
+    for name, candidate, expect in (
+        ("torch", reference_candidate("torch"), "torch"),
+        ("float32_sumsq", lowprec_candidate("float32", "sumsq"), "reference"),
+    ):
         report = check(candidate, expect=expect)
         assert under_mpi[name] == {"passed": report.passed, "fingerprint": _values(report)}
     assert under_mpi["torch"]["passed"] and not under_mpi["float32_sumsq"]["passed"]
 
 
 def test_testing_tools_import_without_hypothesis():
-    code = ("import sys; sys.modules['hypothesis'] = None; import refsyncbn.testing as t; "
-            "import refsyncbn.testing.checker, refsyncbn.testing.tolerances, "
-            "refsyncbn.testing.vectors; print(t.check.__name__, t.ErrorModel.__name__)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=False)
+    code = (
+        "import sys; sys.modules['hypothesis'] = None; import refsyncbn.testing as t; "
+        "import refsyncbn.testing.checker, refsyncbn.testing.tolerances, "
+        "refsyncbn.testing.vectors; print(t.check.__name__, t.ErrorModel.__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["check", "ErrorModel"]

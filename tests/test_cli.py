@@ -27,8 +27,16 @@ from refsyncbn.testing.oracle import expected_outputs
 def _case():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 2)) * 2 + 1
-    return Case(x=x, dy=rng.standard_normal(x.shape), weight=np.ones(2), bias=np.zeros(2),
-                running_mean=np.zeros(2), running_var=np.ones(2), splits=(2, 3), data_format="NC")
+    return Case(
+        x=x,
+        dy=rng.standard_normal(x.shape),
+        weight=np.ones(2),
+        bias=np.zeros(2),
+        running_mean=np.zeros(2),
+        running_var=np.ones(2),
+        splits=(2, 3),
+        data_format="NC",
+    )
 
 
 @pytest.fixture
@@ -69,31 +77,54 @@ def _usage_error(capsys, argv, *needles):
 
 class TestRunErrors:
     def test_a_truncated_case_file_is_named(self, capsys, truncated, tmp_path):
-        _fails_in_one_line(capsys, ["run", str(truncated), str(tmp_path / "o"), "--world", "2"],
-                           1, str(truncated), "not a readable .npz case file")
+        _fails_in_one_line(
+            capsys,
+            ["run", str(truncated), str(tmp_path / "o"), "--world", "2"],
+            1,
+            str(truncated),
+            "not a readable .npz case file",
+        )
         assert not (tmp_path / "o").exists()
 
-    def test_an_out_dir_that_is_a_file_is_rejected_before_computing(self, capsys, case_file,
-                                                                   tmp_path, monkeypatch):
+    def test_an_out_dir_that_is_a_file_is_rejected_before_computing(
+        self, capsys, case_file, tmp_path, monkeypatch
+    ):
         (tmp_path / "taken").write_text("")
         monkeypatch.setattr("refsyncbn.cli.run.run_rank", _must_not_run)
-        _fails_in_one_line(capsys, ["run", str(case_file), str(tmp_path / "taken"), "--world",
-                                    "2"], 1, f"OUT_DIR {tmp_path / 'taken'}", "not a directory")
+        _fails_in_one_line(
+            capsys,
+            ["run", str(case_file), str(tmp_path / "taken"), "--world", "2"],
+            1,
+            f"OUT_DIR {tmp_path / 'taken'}",
+            "not a directory",
+        )
 
     @pytest.mark.parametrize("world", ["0", "-1", "two"])
     def test_world_must_be_a_positive_int(self, capsys, case_file, tmp_path, world):
-        _usage_error(capsys, ["run", str(case_file), str(tmp_path), "--world", world],
-                     "argument --world", "expected an int >= 1", repr(world))
+        _usage_error(
+            capsys,
+            ["run", str(case_file), str(tmp_path), "--world", world],
+            "argument --world",
+            "expected an int >= 1",
+            repr(world),
+        )
 
-    @pytest.mark.parametrize(("option", "value", "low"), [("--seed", "-1", 0), ("--cases", "0", 1),
-                                                          ("--world", "0", 1)])
+    @pytest.mark.parametrize(
+        ("option", "value", "low"), [("--seed", "-1", 0), ("--cases", "0", 1), ("--world", "0", 1)]
+    )
     def test_selfcheck_numbers_are_checked_by_name(self, capsys, option, value, low):
-        _usage_error(capsys, ["selfcheck", option, value], f"argument {option}",
-                     f"expected an int >= {low}")
+        _usage_error(
+            capsys, ["selfcheck", option, value], f"argument {option}", f"expected an int >= {low}"
+        )
 
     def test_the_wrong_world_size_says_which_to_use(self, capsys, case_file, tmp_path):
-        _fails_in_one_line(capsys, ["run", str(case_file), str(tmp_path / "o"), "--world", "3"],
-                           1, "splits for 2 ranks", "--world 2")
+        _fails_in_one_line(
+            capsys,
+            ["run", str(case_file), str(tmp_path / "o"), "--world", "3"],
+            1,
+            "splits for 2 ranks",
+            "--world 2",
+        )
 
 
 def _must_not_run(*args, **kwargs):
@@ -107,32 +138,43 @@ class TestRunConfirmsWhatItWrote:
         stdout = capsys.readouterr().out
         assert stdout.strip().splitlines() == [
             f"refsyncbn run: wrote rank0.npz .. rank1.npz in {out} (2 ranks; y, running_mean, "
-            f"running_var, dx, dweight, dbias)"]
+            f"running_var, dx, dweight, dbias)"
+        ]
         expected = expected_outputs(_case(), param_grads="local")
         for r in range(2):
-            np.testing.assert_allclose(read_result(out / f"rank{r}.npz")["y"], expected[r]["y"],
-                                       rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(
+                read_result(out / f"rank{r}.npz")["y"], expected[r]["y"], rtol=1e-12, atol=1e-12
+            )
 
     @pytest.mark.mpi
     def test_under_mpiexec_rank_0_prints_one_line(self, case_file, tmp_path):
-        proc = mpirun(2, "-m", "refsyncbn", "run", str(case_file), str(tmp_path / "o"),
-                      timeout=60)
+        proc = mpirun(2, "-m", "refsyncbn", "run", str(case_file), str(tmp_path / "o"), timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().splitlines() == [
             f"refsyncbn run: wrote rank0.npz .. rank1.npz in {tmp_path / 'o'} (2 ranks; y, "
-            f"running_mean, running_var, dx, dweight, dbias)"], proc.stdout
+            f"running_mean, running_var, dx, dweight, dbias)"
+        ], proc.stdout
         assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["rank0.npz", "rank1.npz"]
 
 
 class TestCheckErrors:
     def test_a_missing_candidate_dir_is_one_line(self, capsys, tmp_path):
         (tmp_path / "cases").mkdir()
-        _fails_in_one_line(capsys, ["check", str(tmp_path / "missing"), str(tmp_path / "cases")],
-                           2, f"CANDIDATE_DIR {tmp_path / 'missing'}", "not a directory")
+        _fails_in_one_line(
+            capsys,
+            ["check", str(tmp_path / "missing"), str(tmp_path / "cases")],
+            2,
+            f"CANDIDATE_DIR {tmp_path / 'missing'}",
+            "not a directory",
+        )
 
     def test_a_missing_cases_dir_is_one_line(self, capsys, tmp_path):
-        _fails_in_one_line(capsys, ["check", str(tmp_path), str(tmp_path / "nope")], 2,
-                           f"CASES_DIR {tmp_path / 'nope'}")
+        _fails_in_one_line(
+            capsys,
+            ["check", str(tmp_path), str(tmp_path / "nope")],
+            2,
+            f"CASES_DIR {tmp_path / 'nope'}",
+        )
 
     def test_a_truncated_rank_file_is_named(self, capsys, tmp_path, case_file):
         cases, cand = tmp_path / "cases", tmp_path / "cand" / "case"
@@ -142,8 +184,13 @@ class TestCheckErrors:
         expected = expected_outputs(_case(), param_grads="local")
         write_result(cand / "rank0.npz", **{k: expected[0][k] for k in ("y", "running_mean")})
         (cand / "rank1.npz").write_bytes((cand / "rank0.npz").read_bytes()[:100])
-        _fails_in_one_line(capsys, ["check", str(tmp_path / "cand"), str(cases)], 2,
-                           str(cand / "rank1.npz"), "not a readable .npz result file")
+        _fails_in_one_line(
+            capsys,
+            ["check", str(tmp_path / "cand"), str(cases)],
+            2,
+            str(cand / "rank1.npz"),
+            "not a readable .npz result file",
+        )
 
 
 class TestDebugAndInternalErrors:
@@ -151,27 +198,49 @@ class TestDebugAndInternalErrors:
         with pytest.raises(ValueError, match=r"not a readable \.npz case file"):
             cli.main(["run", str(truncated), str(tmp_path / "o"), "--world", "2", "--debug"])
 
-    def test_an_internal_error_is_one_line_asking_for_a_report(self, capsys, case_file,
-                                                              tmp_path, monkeypatch):
+    def test_an_internal_error_is_one_line_asking_for_a_report(
+        self, capsys, case_file, tmp_path, monkeypatch
+    ):
         def bug(*args, **kwargs):
             raise KeyError("y")
+
         monkeypatch.setattr("refsyncbn.cli.run.read_case", bug)
-        line = _fails_in_one_line(capsys, ["run", str(case_file), str(tmp_path), "--world", "1"],
-                                  1, "KeyError: 'y'", "internal error", "--debug")
+        line = _fails_in_one_line(
+            capsys,
+            ["run", str(case_file), str(tmp_path), "--world", "1"],
+            1,
+            "KeyError: 'y'",
+            "internal error",
+            "--debug",
+        )
         with pytest.raises(KeyError):
             cli.main(["run", str(case_file), str(tmp_path), "--world", "1", "--debug"])
         assert "Traceback" not in line
 
     def test_rank_errors_give_each_cause_once(self):
-        exc = RankError({0: ValueError("bad x"), 1: PeerAborted("peer failed"),
-                         2: ValueError("bad x")})
+        exc = RankError(
+            {0: ValueError("bad x"), 1: PeerAborted("peer failed"), 2: ValueError("bad x")}
+        )
         assert one_line(exc) == "bad x"
 
     def test_the_real_entry_point_prints_no_traceback(self, truncated, tmp_path):
-        proc = subprocess.run([sys.executable, "-m", "refsyncbn", "run", str(truncated),
-                               str(tmp_path / "o"), "--world", "2"], capture_output=True,
-                              text=True, cwd=ROOT, timeout=60,
-                              env={"PYTHONPATH": str(ROOT), "PATH": ""})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "refsyncbn",
+                "run",
+                str(truncated),
+                str(tmp_path / "o"),
+                "--world",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            env={"PYTHONPATH": str(ROOT), "PATH": ""},
+        )
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
 
@@ -204,7 +273,8 @@ class TestProgress:
         lines = capsys.readouterr().err.splitlines()
         # A line per tenth (every 2 cases of 25) and the last one.
         assert [ln.split(" (")[0] for ln in lines] == [
-            f"demo: {k}/25 cases" for k in (1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25)]
+            f"demo: {k}/25 cases" for k in (1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25)
+        ]
 
     def test_disabled_progress_prints_nothing(self, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, "tqdm", None)
@@ -212,8 +282,9 @@ class TestProgress:
             bar.update()
         assert capsys.readouterr().err == ""
 
-    def test_selfcheck_reports_progress_on_stderr_and_the_report_on_stdout(self, monkeypatch,
-                                                                          capsys):
+    def test_selfcheck_reports_progress_on_stderr_and_the_report_on_stdout(
+        self, monkeypatch, capsys
+    ):
         monkeypatch.setitem(sys.modules, "tqdm", None)
         assert cli.main(["selfcheck", "--world", "2", "--cases", "3"]) == 0
         captured = capsys.readouterr()
@@ -236,7 +307,7 @@ class TestSelfcheckJudgesWithTheErrorModel:
         out = capsys.readouterr().out.splitlines()
         assert next(ln for ln in out if ln.startswith("kernels: ")).startswith("kernels: numpy (")
         col = out.index(next(ln for ln in out if ln.startswith("case "))) + 1
-        offsets = [float(ln.split()[-7]) for ln in out[col:col + 12]]
+        offsets = [float(ln.split()[-7]) for ln in out[col : col + 12]]
         assert max(offsets) >= 1e6 and min(offsets) < 1e3  # both regimes are in the run
 
     def test_large_offset_cancellation_fails(self):
@@ -245,8 +316,9 @@ class TestSelfcheckJudgesWithTheErrorModel:
         # accepted it, the error model's float64 bound does not.
         rng = np.random.default_rng(0)
         x = 1e6 + rng.standard_normal((64, 2))
-        case = Case(x=x, running_mean=np.zeros(2), running_var=np.ones(2), splits=(64,),
-                    data_format="NC")
+        case = Case(
+            x=x, running_mean=np.zeros(2), running_var=np.ones(2), splits=(64,), data_format="NC"
+        )
         want = expected_outputs(case, param_grads="local")[0]
         assert selfcheck.case_error(case, 0, dict(want), want) == (0.0, "y")
         mean = x.sum(axis=0) / 64
@@ -258,8 +330,11 @@ class TestSelfcheckJudgesWithTheErrorModel:
 
     @pytest.mark.parametrize("dtype", [np.float64, np.float32])
     def test_both_sides_of_the_bound(self, dtype):
-        case = next(c for c in selfcheck.build_cases(2, 14, seed=3)
-                    if c.x.dtype == dtype and c.training and c.splits[0] > 1)
+        case = next(
+            c
+            for c in selfcheck.build_cases(2, 14, seed=3)
+            if c.x.dtype == dtype and c.training and c.splits[0] > 1
+        )
         want = expected_outputs(case, param_grads="local")[0]
         bound = selfcheck.MODEL.bounds(case, param_grads="local")[0]["y"]
         for factor, passes in ((0.9, True), (1.1, False)):
@@ -279,11 +354,14 @@ class TestBench:
         args = argparse.Namespace(no_torch=False, no_single=False)
         assert bench.missing_columns(args, 1, None) == [
             "n/a torch ms, ratio: torch is not installed (pip install torch)",
-            "n/a 1-process ms, scaling: one rank (the 1-process run is the run itself)"]
+            "n/a 1-process ms, scaling: one rank (the 1-process run is the run itself)",
+        ]
         assert bench.missing_columns(args, 2, "2.13.0") == []
         args = argparse.Namespace(no_torch=True, no_single=True)
         assert bench.missing_columns(args, 2, "2.13.0") == [
-            "n/a torch ms, ratio: --no-torch", "n/a 1-process ms, scaling: --no-single"]
+            "n/a torch ms, ratio: --no-torch",
+            "n/a 1-process ms, scaling: --no-single",
+        ]
 
     def test_a_bad_repeat_is_one_line(self, capsys):
         _fails_in_one_line(capsys, ["bench", "--repeat", "0"], 1, "--repeat is 0")

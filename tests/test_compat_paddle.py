@@ -13,26 +13,47 @@ from tests._layers import channels, make_case, mismatches, run_rank, run_simulat
 
 def paddle_layer(case, data_format, **kw):
     def make(comm):
-        return SyncBatchNorm(channels(case), momentum=case.momentum, data_format=data_format,
-                             comm=comm, **kw)
+        return SyncBatchNorm(
+            channels(case), momentum=case.momentum, data_format=data_format, comm=comm, **kw
+        )
+
     return make
 
 
 class TestMatchesOracle:
     # (the layer's data_format, the case's layout): Paddle names a family, not a rank.
-    @pytest.mark.parametrize("layer_format,case_format,shape", [
-        ("NCHW", "NC", (7, 3)), ("NCHW", "NCL", (7, 3, 2)), ("NCL", "NCDHW", (7, 2, 2, 1, 2)),
-        ("NHWC", "NLC", (7, 2, 3)), ("NDHWC", "NHWC", (7, 2, 2, 3)), ("NLC", "NC", (7, 3)),
-    ])
+    @pytest.mark.parametrize(
+        "layer_format,case_format,shape",
+        [
+            ("NCHW", "NC", (7, 3)),
+            ("NCHW", "NCL", (7, 3, 2)),
+            ("NCL", "NCDHW", (7, 2, 2, 1, 2)),
+            ("NHWC", "NLC", (7, 2, 3)),
+            ("NDHWC", "NHWC", (7, 2, 2, 3)),
+            ("NLC", "NC", (7, 3)),
+        ],
+    )
     def test_equal_rank_weighting_on_uneven_shards(self, layer_format, case_format, shape):
-        case = make_case(np.random.default_rng(20), shape, (1, 4, 0, 2), data_format=case_format,
-                         convention="paddle", momentum=0.9)
+        case = make_case(
+            np.random.default_rng(20),
+            shape,
+            (1, 4, 0, 2),
+            data_format=case_format,
+            convention="paddle",
+            momentum=0.9,
+        )
         got = run_simulated(case, paddle_layer(case, layer_format))
         assert mismatches(got, case) == []
 
     def test_frozen_weight_and_bias_have_no_gradient(self):
-        case = make_case(np.random.default_rng(21), (5, 2), (2, 3), data_format="NC",
-                         convention="paddle", momentum=0.9)
+        case = make_case(
+            np.random.default_rng(21),
+            (5, 2),
+            (2, 3),
+            data_format="NC",
+            convention="paddle",
+            momentum=0.9,
+        )
         case = type(case)(**{**case.__dict__, "weight": np.ones(2), "bias": np.zeros(2)})
 
         def body(comm, rank):
@@ -40,6 +61,7 @@ class TestMatchesOracle:
             out = run_rank(layer, case, rank)
             assert out["dweight"] is None and out["dbias"] is None
             return out
+
         got = SimulatedWorld(2).run(body, [0, 1])
         assert mismatches(got, case, keys=("y", "dx", "running_mean", "running_var")) == []
 
@@ -60,10 +82,22 @@ class TestMatchesOracle:
                 np.testing.assert_allclose(got, grads[name], rtol=1e-6, atol=1e-6)
 
     def test_differs_from_count_weighting_when_ranks_are_uneven(self):
-        case = make_case(np.random.default_rng(22), (5, 2), (1, 4), data_format="NC",
-                         convention="paddle", momentum=0.9)
-        counted = make_case(np.random.default_rng(22), (5, 2), (1, 4), data_format="NC",
-                            convention="reference", momentum=0.9)
+        case = make_case(
+            np.random.default_rng(22),
+            (5, 2),
+            (1, 4),
+            data_format="NC",
+            convention="paddle",
+            momentum=0.9,
+        )
+        counted = make_case(
+            np.random.default_rng(22),
+            (5, 2),
+            (1, 4),
+            data_format="NC",
+            convention="reference",
+            momentum=0.9,
+        )
         got = run_simulated(case, paddle_layer(case, "NC"))
         assert mismatches(got, counted, keys=("y",)) != []
 
@@ -72,8 +106,9 @@ class TestUseGlobalStats:
     def test_true_uses_running_statistics_without_updating(self):
         bn = BatchNorm(1, data_format="NC", use_global_stats=True)
         y = bn(np.array([[2.0], [4.0]]))
-        np.testing.assert_allclose(y, [[2.0 / np.sqrt(1 + 1e-5)], [4.0 / np.sqrt(1 + 1e-5)]],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            y, [[2.0 / np.sqrt(1 + 1e-5)], [4.0 / np.sqrt(1 + 1e-5)]], rtol=1e-6
+        )
         assert bn.num_batches_tracked == 0 and bn.running_mean[0] == 0
 
     def test_false_uses_and_tracks_batch_statistics_in_eval(self):
@@ -84,14 +119,17 @@ class TestUseGlobalStats:
 
 
 class TestValidation:
-    @pytest.mark.parametrize("kwargs,exc,name", [
-        ({"num_features": 2, "data_format": "NWC"}, ValueError, "data_format"),
-        ({"num_features": 2, "weight_attr": "w"}, TypeError, "weight_attr"),
-        ({"num_features": 2, "bias_attr": 1.0}, TypeError, "bias_attr"),
-        ({"num_features": 2.5}, TypeError, "num_features"),
-        ({"num_features": 2, "momentum": 2.0}, ValueError, "momentum"),
-        ({"num_features": 2, "epsilon": -1.0}, ValueError, "eps"),
-    ])
+    @pytest.mark.parametrize(
+        "kwargs,exc,name",
+        [
+            ({"num_features": 2, "data_format": "NWC"}, ValueError, "data_format"),
+            ({"num_features": 2, "weight_attr": "w"}, TypeError, "weight_attr"),
+            ({"num_features": 2, "bias_attr": 1.0}, TypeError, "bias_attr"),
+            ({"num_features": 2.5}, TypeError, "num_features"),
+            ({"num_features": 2, "momentum": 2.0}, ValueError, "momentum"),
+            ({"num_features": 2, "epsilon": -1.0}, ValueError, "eps"),
+        ],
+    )
     def test_invalid_arguments(self, kwargs, exc, name):
         with pytest.raises(exc, match=name):
             SyncBatchNorm(**kwargs)

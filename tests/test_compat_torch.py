@@ -19,50 +19,89 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 def torch_layer(case, **kw):
     def make(comm):
         pg = group_comm(comm, case.groups)
-        return SyncBatchNorm(case.x.shape[1], momentum=case.momentum, process_group=pg,
-                             dtype=np.float64, **kw)
+        return SyncBatchNorm(
+            case.x.shape[1], momentum=case.momentum, process_group=pg, dtype=np.float64, **kw
+        )
+
     return make
 
 
 class TestMatchesOracle:
-    @pytest.mark.parametrize("data_format,shape", [("NC", (7, 3)), ("NCL", (7, 3, 4)),
-                                                   ("NCHW", (7, 2, 3, 2)),
-                                                   ("NCDHW", (7, 2, 2, 2, 2))])
+    @pytest.mark.parametrize(
+        "data_format,shape",
+        [("NC", (7, 3)), ("NCL", (7, 3, 4)), ("NCHW", (7, 2, 3, 2)), ("NCDHW", (7, 2, 2, 2, 2))],
+    )
     def test_uneven_shards_with_an_empty_rank(self, data_format, shape):
-        case = make_case(np.random.default_rng(10), shape, (2, 0, 1, 4), data_format=data_format,
-                         convention="torch", momentum=0.1)
+        case = make_case(
+            np.random.default_rng(10),
+            shape,
+            (2, 0, 1, 4),
+            data_format=data_format,
+            convention="torch",
+            momentum=0.1,
+        )
         assert mismatches(run_simulated(case, torch_layer(case)), case) == []
 
     def test_process_group_from_group_comm(self):
-        case = make_case(np.random.default_rng(11), (8, 3), (3, 1, 2, 2), data_format="NC",
-                         convention="torch", momentum=0.1, groups=[[0, 3], [1, 2]])
+        case = make_case(
+            np.random.default_rng(11),
+            (8, 3),
+            (3, 1, 2, 2),
+            data_format="NC",
+            convention="torch",
+            momentum=0.1,
+            groups=[[0, 3], [1, 2]],
+        )
         assert mismatches(run_simulated(case, torch_layer(case)), case) == []
 
     def test_momentum_none_is_a_cumulative_average(self):
         # After 3 tracked batches, the 4th update has factor 1/4.
-        case = make_case(np.random.default_rng(12), (6, 2), (2, 4), data_format="NC",
-                         convention="torch", momentum=0.25)
+        case = make_case(
+            np.random.default_rng(12),
+            (6, 2),
+            (2, 4),
+            data_format="NC",
+            convention="torch",
+            momentum=0.25,
+        )
 
         def body(comm, rank):
             layer = torch_layer(case)(comm)
             layer.momentum = None
-            out = run_rank(layer, case, rank, state={
-                "weight": case.weight, "bias": case.bias, "running_mean": case.running_mean,
-                "running_var": case.running_var, "num_batches_tracked": 3})
+            out = run_rank(
+                layer,
+                case,
+                rank,
+                state={
+                    "weight": case.weight,
+                    "bias": case.bias,
+                    "running_mean": case.running_mean,
+                    "running_var": case.running_var,
+                    "num_batches_tracked": 3,
+                },
+            )
             assert layer.num_batches_tracked == 4
             return out
+
         got = SimulatedWorld(2).run(body, [0, 1])
         assert mismatches(got, case) == []
 
     def test_without_running_stats_eval_still_uses_batch_statistics(self):
-        case = make_case(np.random.default_rng(13), (5, 2), (3, 2), data_format="NC",
-                         convention="torch", momentum=0.1)
+        case = make_case(
+            np.random.default_rng(13),
+            (5, 2),
+            (3, 2),
+            data_format="NC",
+            convention="torch",
+            momentum=0.1,
+        )
 
         def body(comm, rank):
             layer = torch_layer(case, track_running_stats=False)(comm).eval()
             out = run_rank(layer, case, rank, state={"weight": case.weight, "bias": case.bias})
             assert layer.running_mean is None and layer.num_batches_tracked is None
             return out
+
         got = SimulatedWorld(2).run(body, [0, 1])
         assert mismatches(got, case, keys=("y", "dx", "dweight", "dbias")) == []
 
@@ -72,6 +111,7 @@ class TestMatchesOracle:
             layer = SyncBatchNorm(2, process_group=comm)
             layer(np.ones((n, 2)))
             return layer.running_var
+
         for running_var in SimulatedWorld(2).run(body, [1, 0]):
             assert np.isnan(running_var).all()
         with pytest.raises(RankError) as info:
@@ -80,13 +120,16 @@ class TestMatchesOracle:
 
 
 class TestValidation:
-    @pytest.mark.parametrize("kwargs,exc,name", [
-        ({"num_features": "3"}, TypeError, "num_features"),
-        ({"num_features": 0}, ValueError, "num_features"),
-        ({"num_features": 3, "eps": -1e-5}, ValueError, "eps"),
-        ({"num_features": 3, "momentum": -0.1}, ValueError, "momentum"),
-        ({"num_features": 3, "process_group": [[0, 1]]}, TypeError, "process_group"),
-    ])
+    @pytest.mark.parametrize(
+        "kwargs,exc,name",
+        [
+            ({"num_features": "3"}, TypeError, "num_features"),
+            ({"num_features": 0}, ValueError, "num_features"),
+            ({"num_features": 3, "eps": -1e-5}, ValueError, "eps"),
+            ({"num_features": 3, "momentum": -0.1}, ValueError, "momentum"),
+            ({"num_features": 3, "process_group": [[0, 1]]}, TypeError, "process_group"),
+        ],
+    )
     def test_invalid_arguments(self, kwargs, exc, name):
         with pytest.raises(exc, match=name):
             SyncBatchNorm(**kwargs)

@@ -45,9 +45,17 @@ HAND = {
 
 def _step(convention, **kwargs):
     def body(comm, x):
-        res = forward(x, np.ones(1), np.zeros(1), running_mean=np.array([RM0]),
-                      running_var=np.array([RV0]), data_format="NC", convention=convention,
-                      comm=comm, **kwargs)
+        res = forward(
+            x,
+            np.ones(1),
+            np.zeros(1),
+            running_mean=np.array([RM0]),
+            running_var=np.array([RV0]),
+            data_format="NC",
+            convention=convention,
+            comm=comm,
+            **kwargs,
+        )
         return res, backward(np.ones_like(x), res.saved)
 
     return SimulatedWorld(2).run(body, SHARDS)
@@ -94,19 +102,29 @@ class TestConventionRecord:
         custom = Convention("mine", 0.5, "update", "biased", "equal", 0.0)
         assert get_convention(custom) is custom
 
-    @pytest.mark.parametrize(("field", "value", "match"), [
-        ("momentum_meaning", "decay", "Convention.momentum_meaning is 'decay'"),
-        ("running_var", "unbiased", "Convention.running_var is 'unbiased'"),
-        ("weighting", "mean", "Convention.weighting is 'mean'"),
-        ("param_grads", "avg", "Convention.param_grads is 'avg'"),
-        ("single_value", "nan", "Convention.single_value is 'nan'"),
-        ("empty_rank", "zero", "Convention.empty_rank is 'zero'"),
-        ("momentum", 2.0, r"Convention.momentum is 2.0; expected a float in \[0, 1\]"),
-        ("eps", -1e-5, "Convention.eps is -1e-05; expected a float >= 0"),
-    ])
+    @pytest.mark.parametrize(
+        ("field", "value", "match"),
+        [
+            ("momentum_meaning", "decay", "Convention.momentum_meaning is 'decay'"),
+            ("running_var", "unbiased", "Convention.running_var is 'unbiased'"),
+            ("weighting", "mean", "Convention.weighting is 'mean'"),
+            ("param_grads", "avg", "Convention.param_grads is 'avg'"),
+            ("single_value", "nan", "Convention.single_value is 'nan'"),
+            ("empty_rank", "zero", "Convention.empty_rank is 'zero'"),
+            ("momentum", 2.0, r"Convention.momentum is 2.0; expected a float in \[0, 1\]"),
+            ("eps", -1e-5, "Convention.eps is -1e-05; expected a float >= 0"),
+        ],
+    )
     def test_bad_field_is_named(self, field, value, match):
-        fields = {"name": "x", "momentum": 0.9, "momentum_meaning": "retain",
-                  "running_var": "biased", "weighting": "count", "eps": 1e-5, field: value}
+        fields = {
+            "name": "x",
+            "momentum": 0.9,
+            "momentum_meaning": "retain",
+            "running_var": "biased",
+            "weighting": "count",
+            "eps": 1e-5,
+            field: value,
+        }
         with pytest.raises(ValueError, match=match):
             Convention(**fields)
 
@@ -125,12 +143,22 @@ def test_torch_preset_matches_pytorch_batch_norm_on_the_global_batch():
 
 def _train(convention, shards, mask=None):
     """Every rank's forward and backward (dy = 1) on ``shards`` (one channel, NC)."""
+
     def body(comm, r):
         m = None if mask is None else mask[r]
-        res = forward(shards[r], np.ones(1), np.zeros(1), running_mean=np.array([RM0]),
-                      running_var=np.array([RV0]), data_format="NC", convention=convention,
-                      mask=m, comm=comm)
+        res = forward(
+            shards[r],
+            np.ones(1),
+            np.zeros(1),
+            running_mean=np.array([RM0]),
+            running_var=np.array([RV0]),
+            data_format="NC",
+            convention=convention,
+            mask=m,
+            comm=comm,
+        )
         return res, backward(np.ones_like(shards[r]), res.saved)
+
     return SimulatedWorld(len(shards)).run(body, list(range(len(shards))))
 
 
@@ -180,9 +208,15 @@ class TestEdgeCasesFollowTheFrameworks:
 
         for conv, shards in (("flax", EMPTY), ("torch", [np.zeros((0, 1)), [[3.0]]])):
             x = np.concatenate([np.asarray(s, float) for s in shards])
-            case = Case(x=x, running_mean=np.array([RM0]), running_var=np.array([RV0]),
-                        splits=tuple(len(s) for s in shards), data_format="NC",
-                        convention=conv, momentum=CONVENTIONS[conv].momentum)
+            case = Case(
+                x=x,
+                running_mean=np.array([RM0]),
+                running_var=np.array([RV0]),
+                splits=tuple(len(s) for s in shards),
+                data_format="NC",
+                convention=conv,
+                momentum=CONVENTIONS[conv].momentum,
+            )
             with np.errstate(invalid="ignore"):
                 exp = expected_outputs(case)
             ours = _train(conv, [np.asarray(s, float) for s in shards])

@@ -91,7 +91,9 @@ def _scales(case, want, group):
     c = x_all.shape[1]
     w = np.ones(c) if case.weight is None else np.abs(case.weight.astype(np.float64))
     b = np.zeros(c) if case.bias is None else np.abs(case.bias.astype(np.float64))
-    counts = [len(x) if "mask" not in s else int(s["mask"].sum()) for x, s in zip(xs, shards, strict=True)]
+    counts = [
+        len(x) if "mask" not in s else int(s["mask"].sum()) for x, s in zip(xs, shards, strict=True)
+    ]
     m = sum(counts)
     if get_convention(case.convention).weighting == "count":
         big_w = 1.0
@@ -104,8 +106,13 @@ def _scales(case, want, group):
     rv0 = np.abs(case.running_var.astype(np.float64))
     out = {}
     for r, x in zip(group, xs, strict=True):
-        s = {"y": w * (1 + np.abs(x - mean) / sigma) + b, "mean": big_r, "var": big_r**2,
-             "running_mean": big_r + rm0, "running_var": 2 * big_r**2 + rv0}
+        s = {
+            "y": w * (1 + np.abs(x - mean) / sigma) + b,
+            "mean": big_r,
+            "var": big_r**2,
+            "running_mean": big_r + rm0,
+            "running_var": 2 * big_r**2 + rv0,
+        }
         if case.dy is not None:
             dy_all = np.concatenate([_rows(sh["dy"], axis) for sh in shards])
             dy_r = _rows(case.shard(r)["dy"], axis)
@@ -131,19 +138,20 @@ def assert_matches_oracle(case, got, want):
                 stat = key in ("mean", "var")
                 expected_dtype = np.float64 if stat else dtype
                 assert value.dtype == expected_dtype, (
-                    f"rank {r}: {key} has dtype {value.dtype}; expected {expected_dtype}")
+                    f"rank {r}: {key} has dtype {value.dtype}; expected {expected_dtype}"
+                )
                 if key in PER_ELEMENT:
                     assert value.shape == case.shard(r)["x"].shape, f"rank {r}: {key} shape"
                     value, ref = _rows(value, layout.channel_axis), _rows(ref, layout.channel_axis)
                 value = np.asarray(value, dtype=np.float64)
                 fi = np.finfo(np.float64 if stat else dtype)
-                tol = (fi.eps / 2 * np.abs(ref) + fi.smallest_subnormal
-                       + 2 * K * gk2 * scale[key])
+                tol = fi.eps / 2 * np.abs(ref) + fi.smallest_subnormal + 2 * K * gk2 * scale[key]
                 err = np.abs(value - ref)
                 bad = ~(err <= tol)
                 assert not bad.any(), (
                     f"rank {r} (group {group}): {key} off by {err[bad].max():.3g} where the "
-                    f"bound is {tol[bad].min():.3g}; got {value[bad][:4]}, want {ref[bad][:4]}")
+                    f"bound is {tol[bad].min():.3g}; got {value[bad][:4]}, want {ref[bad][:4]}"
+                )
 
 
 class TestMatchesTheFloat64GlobalBatchOracle:
@@ -176,8 +184,9 @@ class TestVarianceAlgorithms:
         var = float(((x - mean) ** 2).mean())
 
         def body(variance):
-            return lambda comm, shard: forward(shard, data_format="NC", variance=variance,
-                                               comm=comm).saved
+            return lambda comm, shard: (
+                forward(shard, data_format="NC", variance=variance, comm=comm).saved
+            )
 
         for s in SimulatedWorld(2).run(body("stable"), [x[:2], x[2:]]):
             assert abs(float(s.mean[0]) - mean) <= 4 * U64 * mean
@@ -208,9 +217,17 @@ class TestParamGrads:
         x, dy = rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
         w, b = np.array([1.5, -0.5]), np.array([0.1, 0.2])
         for name, factor in (("reference", None), ("mindspore", 1.0), ("chainermn", 0.5)):
-            case = Case(x=x, dy=dy, weight=w, bias=b, running_mean=np.zeros(2),
-                        running_var=np.ones(2), splits=(2, 4), data_format="NC",
-                        convention=name)
+            case = Case(
+                x=x,
+                dy=dy,
+                weight=w,
+                bias=b,
+                running_mean=np.zeros(2),
+                running_var=np.ones(2),
+                splits=(2, 4),
+                data_format="NC",
+                convention=name,
+            )
             got = run_case(case)
             for r, (lo, hi) in enumerate(((0, 2), (2, 6))):
                 own = dy[lo:hi].sum(axis=0)
@@ -241,8 +258,17 @@ class TestEvalMode:
         x = np.array([[1.0, -2.0], [3.0, 4.0], [5.0, 0.5]])
         rm, rv = np.array([2.0, -1.0]), np.array([4.0, 0.25])
         w, b = np.array([2.0, 1.0]), np.array([0.5, -0.5])
-        res = forward(x, w, b, running_mean=rm, running_var=rv, training=False, eps=0.0,
-                      data_format="NC", comm=_NoCollectives())
+        res = forward(
+            x,
+            w,
+            b,
+            running_mean=rm,
+            running_var=rv,
+            training=False,
+            eps=0.0,
+            data_format="NC",
+            comm=_NoCollectives(),
+        )
         # (x - rm) / sqrt(rv) * w + b by hand: channel 0 sqrt(4) = 2, channel 1 sqrt(.25) = .5
         expected = np.array([[-0.5, -2.5], [1.5, 9.5], [3.5, 2.5]])
         np.testing.assert_allclose(res.y, expected, rtol=0, atol=1e-15)
@@ -253,9 +279,16 @@ class TestEvalMode:
 
     def test_reduced_param_grads_still_communicate(self):
         x = np.ones((2, 1))
-        res = forward(x, np.ones(1), np.zeros(1), running_mean=np.zeros(1),
-                      running_var=np.ones(1), training=False, data_format="NC",
-                      comm=_NoCollectives())
+        res = forward(
+            x,
+            np.ones(1),
+            np.zeros(1),
+            running_mean=np.zeros(1),
+            running_var=np.ones(1),
+            training=False,
+            data_format="NC",
+            comm=_NoCollectives(),
+        )
         with pytest.raises(AssertionError, match="must not communicate"):
             backward(np.ones_like(x), res.saved, param_grads="sum")
 
@@ -309,8 +342,9 @@ class TestCombineMoments:
             w = [n if weighting == "count" else 1 for n, _, _ in full]
             mean = sum(wi * mu for wi, (_, mu, _) in zip(w, full, strict=True)) / sum(w)
             q = [m2 if weighting == "count" else m2 / n for n, _, m2 in full]
-            var = (sum(q) + sum(wi * (mu - mean) ** 2 for wi, (_, mu, _)
-                                in zip(w, full, strict=True))) / sum(w)
+            var = (
+                sum(q) + sum(wi * (mu - mean) ** 2 for wi, (_, mu, _) in zip(w, full, strict=True))
+            ) / sum(w)
             assert got[0, j] == sum(n for n, _, _ in rows) and got[1, j] == len(full)
             assert abs(Fraction(got[2, j]) - mean) <= 4 * U64 * abs(mean)
             assert abs(Fraction(got[3, j]) - var) <= 1e-9 * var  # kappa ~ 1e6 here
@@ -338,8 +372,10 @@ class TestCombineMoments:
         np.testing.assert_array_equal(scaled[3] * 4.0 ** (scaled[4] - k), base[3])
 
 
-@pytest.mark.parametrize("data_format,shape", [("NC", (7, 3)), ("NCL", (4, 3, 5)),
-                                               ("NCHW", (2, 3, 4, 9)), ("NHWC", (2, 3, 4, 5))])
+@pytest.mark.parametrize(
+    "data_format,shape",
+    [("NC", (7, 3)), ("NCL", (4, 3, 5)), ("NCHW", (2, 3, 4, 9)), ("NHWC", (2, 3, 4, 5))],
+)
 @pytest.mark.parametrize("convention", ["reference", "torch"])
 def test_one_rank_shortcut_equals_the_general_combination(data_format, shape, convention):
     """A one-rank call (no record, no combine) is bitwise a group whose other rank is empty.
@@ -357,12 +393,22 @@ def test_one_rank_shortcut_equals_the_general_combination(data_format, shape, co
     mask = rng.random(get_layout(data_format).mask_shape(shape)) < 0.7
 
     def step(comm, x, dy, mask):
-        res = forward(x, w, b, running_mean=np.zeros(c, np.float32),
-                      running_var=np.ones(c, np.float32), data_format=data_format,
-                      convention=convention, mask=mask, comm=comm)
+        res = forward(
+            x,
+            w,
+            b,
+            running_mean=np.zeros(c, np.float32),
+            running_var=np.ones(c, np.float32),
+            data_format=data_format,
+            convention=convention,
+            mask=mask,
+            comm=comm,
+        )
         g = backward(dy, res.saved, param_grads="sum")
-        return [a.tobytes() for a in (res.y, res.running_mean, res.running_var, g.dx,
-                                      g.dweight, g.dbias)]
+        return [
+            a.tobytes()
+            for a in (res.y, res.running_mean, res.running_var, g.dx, g.dweight, g.dbias)
+        ]
 
     empty = np.zeros((0, *shape[1:]), np.float32)
     for m in (None, mask):
@@ -377,8 +423,7 @@ def test_forward_without_weight_is_bitwise_a_weight_of_ones():
     """``weight=None`` and ``weight=1`` give the same bits (backward reuses forward's scale)."""
     rng = np.random.default_rng(4)
     x, dy = rng.standard_normal((2, 3, 4, 9)), rng.standard_normal((2, 3, 4, 9))
-    for kw in ({}, {"running_mean": np.ones(3), "running_var": np.full(3, 2.0),
-                    "training": False}):
+    for kw in ({}, {"running_mean": np.ones(3), "running_var": np.full(3, 2.0), "training": False}):
         got = [forward(x, w, **kw) for w in (None, np.ones(3))]
         dx = [backward(dy, r.saved).dx for r in got]
         assert got[0].y.tobytes() == got[1].y.tobytes()

@@ -74,7 +74,8 @@ def _close(name, analytic, fd, steps, loss_scale):
     worst = np.unravel_index(np.argmax(err - allowed), err.shape)
     assert (err <= allowed).all(), (
         f"{name}: backward differs from central differences by {err[worst]:.3g} at {worst} "
-        f"(allowed {allowed[worst]:.3g})\nbackward:\n{analytic}\nfinite differences:\n{fd}")
+        f"(allowed {allowed[worst]:.3g})\nbackward:\n{analytic}\nfinite differences:\n{fd}"
+    )
 
 
 def check_against_finite_differences(case):
@@ -110,33 +111,43 @@ def _fixed_case(convention, affine, masked):
     x = rng.normal(size=shape) * [[[1.5], [0.4]]] + [[[2.0], [-1.0]]]
     mask = None
     if masked:
-        mask = np.array([[True, False], [True, True], [False, True], [True, False],
-                         [False, True]])
-    return Case(x=x, dy=rng.normal(size=shape),
-                weight=np.array([1.3, -0.7]) if affine else None,
-                bias=np.array([0.2, 0.5]) if affine else None,
-                running_mean=np.zeros(2), running_var=np.ones(2), splits=(3, 0, 2),
-                data_format="NCL", convention=convention, eps=CONVENTIONS[convention].eps,
-                momentum=CONVENTIONS[convention].momentum, mask=mask)
+        mask = np.array([[True, False], [True, True], [False, True], [True, False], [False, True]])
+    return Case(
+        x=x,
+        dy=rng.normal(size=shape),
+        weight=np.array([1.3, -0.7]) if affine else None,
+        bias=np.array([0.2, 0.5]) if affine else None,
+        running_mean=np.zeros(2),
+        running_var=np.ones(2),
+        splits=(3, 0, 2),
+        data_format="NCL",
+        convention=convention,
+        eps=CONVENTIONS[convention].eps,
+        momentum=CONVENTIONS[convention].momentum,
+        mask=mask,
+    )
 
 
 class TestBackwardMatchesCentralDifferences:
     @pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
     @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-    @pytest.mark.parametrize("convention", [n for n, c in CONVENTIONS.items()
-                                            if c.empty_rank == "skip"])  # flax: NaN
+    @pytest.mark.parametrize(
+        "convention", [n for n, c in CONVENTIONS.items() if c.empty_rank == "skip"]
+    )  # flax: NaN
     def test_on_uneven_shards_with_an_empty_rank(self, convention, affine, masked):
         # Equal-weight conventions (paddle, flax, chainermn) included: their backward
         # is the exact gradient of their own forward.
         check_against_finite_differences(_fixed_case(convention, affine, masked))
 
     def test_with_non_contiguous_groups(self):
-        case = dataclasses.replace(_fixed_case("paddle", True, False),
-                                   splits=(2, 1, 0, 2), groups=[[0, 2], [1, 3]])
+        case = dataclasses.replace(
+            _fixed_case("paddle", True, False), splits=(2, 1, 0, 2), groups=[[0, 2], [1, 3]]
+        )
         check_against_finite_differences(case)
 
     @settings(max_examples=15)
-    @given(case=cases(dtypes=["float64"], dy=True, max_channels=2, max_local_batch=2,
-                      max_spatial=4))
+    @given(
+        case=cases(dtypes=["float64"], dy=True, max_channels=2, max_local_batch=2, max_spatial=4)
+    )
     def test_on_random_cases(self, case):
         check_against_finite_differences(case)

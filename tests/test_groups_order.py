@@ -32,24 +32,29 @@ def check_group_comm(comm) -> list[str]:
     sub = group_comm(comm, groups)
     failures = []
     if (sub.rank, sub.size) != (want_rank, len(group)):
-        failures.append(f"world rank {comm.rank} in group {group}: sub-communicator rank "
-                        f"{sub.rank} of {sub.size}; expected {want_rank} of {len(group)}")
+        failures.append(
+            f"world rank {comm.rank} in group {group}: sub-communicator rank "
+            f"{sub.rank} of {sub.size}; expected {want_rank} of {len(group)}"
+        )
     # Each rank contributes a one-hot vector at its world rank: the sum is the same
     # whatever the order, and shows which world ranks the sub-communicator holds.
     onehot = np.zeros(comm.size)
     onehot[comm.rank] = 1.0
     members = np.flatnonzero(sub.allreduce_sum(onehot, xp=np)).tolist()
     if members != sorted(group):
-        failures.append(f"world rank {comm.rank}: sub-communicator holds {members}; "
-                        f"expected {sorted(group)}")
+        failures.append(
+            f"world rank {comm.rank}: sub-communicator holds {members}; expected {sorted(group)}"
+        )
     # The sub-ranks in order, gathered through the sum: position i holds the world
     # rank of sub-rank i.
     slots = np.zeros(sub.size)
     slots[sub.rank] = comm.rank
     order = sub.allreduce_sum(slots, xp=np).astype(int).tolist()
     if order != sorted(group):
-        failures.append(f"world rank {comm.rank}: sub-ranks 0..{sub.size - 1} are world "
-                        f"ranks {order}; expected {sorted(group)}")
+        failures.append(
+            f"world rank {comm.rank}: sub-ranks 0..{sub.size - 1} are world "
+            f"ranks {order}; expected {sorted(group)}"
+        )
     return failures
 
 
@@ -63,6 +68,7 @@ def test_listing_order_does_not_matter():
     def ranks(comm, groups):
         sub = group_comm(comm, groups)
         return sub.rank
+
     assert SimulatedWorld(4).run(lambda c: ranks(c, [[3, 1], [2, 0]])) == [0, 0, 1, 1]
     assert SimulatedWorld(4).run(lambda c: ranks(c, [[0, 2], [1, 3]])) == [0, 0, 1, 1]
 

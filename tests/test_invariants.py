@@ -37,8 +37,9 @@ def _concat(outs, key):
 
 class TestPermutationInvariance:
     @settings(max_examples=25)
-    @given(case=cases(dtypes=F64, conventions=COUNT_WEIGHTED, groups=False, dy=True),
-           data=st.data())
+    @given(
+        case=cases(dtypes=F64, conventions=COUNT_WEIGHTED, groups=False, dy=True), data=st.data()
+    )
     def test_shuffling_the_global_batch_permutes_y_and_dx(self, case, data):
         # Count weighting: the statistics are those of the global batch, so moving a
         # sample to another rank changes nothing but where its outputs appear.
@@ -51,16 +52,22 @@ class TestPermutationInvariance:
         # Any convention (equal weighting and groups included): a rank's statistics
         # do not depend on the order of its own samples.
         starts = np.cumsum([0, *case.splits])
-        perm = np.concatenate([
-            lo + np.array(data.draw(st.permutations(range(hi - lo))), dtype=np.intp)
-            for lo, hi in itertools.pairwise(starts)])
+        perm = np.concatenate(
+            [
+                lo + np.array(data.draw(st.permutations(range(hi - lo))), dtype=np.intp)
+                for lo, hi in itertools.pairwise(starts)
+            ]
+        )
         self._check(case, perm)
 
     @staticmethod
     def _check(case, perm):
         shuffled = dataclasses.replace(
-            case, x=case.x[perm], dy=case.dy[perm],
-            mask=None if case.mask is None else case.mask[perm])
+            case,
+            x=case.x[perm],
+            dy=case.dy[perm],
+            mask=None if case.mask is None else case.mask[perm],
+        )
         inverse = np.argsort(perm)
         got = run_case(shuffled, param_grads="sum")
         want = run_case(case, param_grads="sum")
@@ -75,13 +82,15 @@ class TestPermutationInvariance:
 
 class TestSplitInvariance:
     @settings(max_examples=25)
-    @given(case=cases(dtypes=F64, conventions=COUNT_WEIGHTED, groups=False, dy=True),
-           data=st.data())
+    @given(
+        case=cases(dtypes=F64, conventions=COUNT_WEIGHTED, groups=False, dy=True), data=st.data()
+    )
     def test_any_split_of_the_batch_gives_the_same_result(self, case, data):
         n = case.x.shape[0]
         world = data.draw(st.integers(1, 4))
-        cuts = sorted(data.draw(st.lists(st.integers(0, n), min_size=world - 1,
-                                         max_size=world - 1)))
+        cuts = sorted(
+            data.draw(st.lists(st.integers(0, n), min_size=world - 1, max_size=world - 1))
+        )
         splits = tuple(int(b - a) for a, b in zip([0, *cuts], [*cuts, n], strict=True))
         other = dataclasses.replace(case, splits=splits)
         got, want = run_case(other, param_grads="sum"), run_case(case, param_grads="sum")
@@ -116,19 +125,34 @@ class TestGradientSums:
 
 class TestAffineEquivariance:
     @settings(max_examples=25)
-    @given(case=cases(dtypes=F64, dy=True), a=st.sampled_from([0.25, 3.0, 1e3]),
-           b=st.sampled_from([-7.0, 0.0, 50.0]))
+    @given(
+        case=cases(dtypes=F64, dy=True),
+        a=st.sampled_from([0.25, 3.0, 1e3]),
+        b=st.sampled_from([-7.0, 0.0, 50.0]),
+    )
     def test_x_to_a_x_plus_b_leaves_y_unchanged(self, case, a, b):
         # With a > 0 and eps scaled by a**2 (and the running statistics mapped the same
         # way), every normalized quantity is unchanged: y, dweight, dbias; dx scales by
         # 1/a; mean and var and the running statistics map as a*m + b and a**2 v.
-        moved = dataclasses.replace(case, x=a * case.x + b, eps=case.eps * a * a,
-                                    running_mean=a * case.running_mean + b,
-                                    running_var=a * a * case.running_var)
+        moved = dataclasses.replace(
+            case,
+            x=a * case.x + b,
+            eps=case.eps * a * a,
+            running_mean=a * case.running_mean + b,
+            running_var=a * a * case.running_var,
+        )
         base = run_case(case)
-        mapped = [{**o, "dx": o["dx"] / a, "mean": a * o["mean"] + b, "var": a * a * o["var"],
-                   "running_mean": a * o["running_mean"] + b,
-                   "running_var": a * a * o["running_var"]} for o in base]
+        mapped = [
+            {
+                **o,
+                "dx": o["dx"] / a,
+                "mean": a * o["mean"] + b,
+                "var": a * a * o["var"],
+                "running_mean": a * o["running_mean"] + b,
+                "running_var": a * a * o["running_var"],
+            }
+            for o in base
+        ]
         assert_matches_oracle(moved, run_case(moved), mapped)
 
 
@@ -137,10 +161,19 @@ def _uneven_case(convention, splits=(3, 5)):
     rng = np.random.default_rng(11)
     parts = [rng.normal(5.0 * r, 1.0 + r, size=(n, 2, 3)) for r, n in enumerate(splits)]
     x = np.concatenate(parts)
-    return Case(x=x, dy=rng.normal(size=x.shape), weight=np.array([1.0, 2.0]),
-                bias=np.array([0.0, -1.0]), running_mean=np.zeros(2), running_var=np.ones(2),
-                splits=splits, data_format="NCL", convention=convention,
-                eps=CONVENTIONS[convention].eps, momentum=CONVENTIONS[convention].momentum)
+    return Case(
+        x=x,
+        dy=rng.normal(size=x.shape),
+        weight=np.array([1.0, 2.0]),
+        bias=np.array([0.0, -1.0]),
+        running_mean=np.zeros(2),
+        running_var=np.ones(2),
+        splits=splits,
+        data_format="NCL",
+        convention=convention,
+        eps=CONVENTIONS[convention].eps,
+        momentum=CONVENTIONS[convention].momentum,
+    )
 
 
 class TestNegativeControls:
@@ -154,9 +187,16 @@ class TestNegativeControls:
         assert_matches_oracle(case, synced, want)
         plain = []
         for r in range(case.world_size):
-            res = forward(case.shard(r)["x"], case.weight, case.bias,
-                          running_mean=case.running_mean, running_var=case.running_var,
-                          data_format="NCL", convention=convention, comm=LocalComm())
+            res = forward(
+                case.shard(r)["x"],
+                case.weight,
+                case.bias,
+                running_mean=case.running_mean,
+                running_var=case.running_var,
+                data_format="NCL",
+                convention=convention,
+                comm=LocalComm(),
+            )
             plain.append({**synced[r], "y": res.y})
         gap = max(float(np.abs(p["y"] - s["y"]).max()) for p, s in zip(plain, synced, strict=True))
         assert gap > 0.5, f"plain per-rank BN is only {gap:.3g} away from SyncBN"

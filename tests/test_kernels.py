@@ -33,7 +33,7 @@ from refsyncbn.kernels import _numpy
 SHAPES = [(37, 5, 1), (9, 3, 7), (7, 300, 1), (6, 4, 40), (5, 3, 100), (3, 2, 1100)]
 DTYPES = [np.float32, np.float64]
 TOL = 1e-12  # float64 arithmetic on exactly converted inputs
-U64 = 2.0 ** -53
+U64 = 2.0**-53
 
 
 class Backend:
@@ -62,8 +62,7 @@ class Backend:
 
     def __call__(self, fn, *args, **kwargs):
         """``fn`` of the backend on converted arrays, results converted back to NumPy."""
-        args = [None if a is None else self.to(a) if isinstance(a, np.ndarray) else a
-                for a in args]
+        args = [None if a is None else self.to(a) if isinstance(a, np.ndarray) else a for a in args]
         dtype = kwargs.pop("dtype", None)
         if dtype is not None:
             kwargs["dtype"] = getattr(self.xp, np.dtype(dtype).name)
@@ -187,8 +186,10 @@ class TestBackendsAgree:
         np.testing.assert_allclose(mean_b, mean, rtol=8 * U64 * 1e3)
         np.testing.assert_allclose(m2_b, m2, rtol=8 * U64 * 1e3)
         invstd = 1 / np.sqrt(m2 / 50 + 1e-5)
-        pairs = [("normalize", (x, mean, invstd, k), {}),
-                 ("grad_input", (dy, x, mean, k, invstd * k, k[::-1].copy(), mask), {})]
+        pairs = [
+            ("normalize", (x, mean, invstd, k), {}),
+            ("grad_input", (dy, x, mean, k, invstd * k, k[::-1].copy(), mask), {}),
+        ]
         for fn, args, kw in pairs:
             one, two = ref(fn, *args, dtype=dtype, **kw), got(fn, *args, dtype=dtype, **kw)
             ulp = np.spacing(np.maximum(np.abs(one), np.abs(two)).astype(dtype))
@@ -199,13 +200,15 @@ class TestBackendsAgree:
         assert (np.abs(a - a_b) <= TOL * scale).all()
         assert (np.abs(b - b_b) <= TOL * scale * 1e3 * invstd).all()
 
-
     @settings(max_examples=30)
-    @given(shape=st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(1, 40)),
-           dtype=st.sampled_from(DTYPES), log_offset=st.floats(0, 8),
-           masked=st.booleans(), seed=st.integers(0, 2**32 - 1))
-    def test_random_shapes_and_large_offsets(self, backend, shape, dtype, log_offset, masked,
-                                             seed):
+    @given(
+        shape=st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(1, 40)),
+        dtype=st.sampled_from(DTYPES),
+        log_offset=st.floats(0, 8),
+        masked=st.booleans(),
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def test_random_shapes_and_large_offsets(self, backend, shape, dtype, log_offset, masked, seed):
         if dtype == np.float32:
             log_offset = min(log_offset, 6.0)
         x, dy, _, k, _ = _data(shape, dtype, loc=10.0**log_offset, scale=1.0, seed=seed)
@@ -217,8 +220,10 @@ class TestBackendsAgree:
         assert (np.abs(mean_b - mean) <= 8 * U64 * np.abs(mean)).all()
         assert (np.abs(m2_b - m2) <= 16 * U64 * kappa * m2 + 1e-300).all()
         invstd = 1 / np.sqrt(m2 / max(1, shape[0] * shape[2]) + 1e-5)
-        for fn, args in (("normalize", (x, mean, invstd, k)),
-                         ("grad_input", (dy, x, mean, k, invstd * k, k[::-1].copy(), mask))):
+        for fn, args in (
+            ("normalize", (x, mean, invstd, k)),
+            ("grad_input", (dy, x, mean, k, invstd * k, k[::-1].copy(), mask)),
+        ):
             one, two = ref(fn, *args, dtype=dtype), backend(fn, *args, dtype=dtype)
             ulp = np.spacing(np.maximum(np.abs(one), np.abs(two)).astype(dtype))
             assert (np.abs(one.astype(np.float64) - two) <= ulp).all(), fn
@@ -267,8 +272,7 @@ class TestSpecialValues:
 
 class TestSelection:
     @pytest.mark.parametrize(("dtype", "name"), [("float32", "cupy"), ("float16", "numpy")])
-    def test_auto_sends_only_what_the_cupy_backend_supports_to_it(self, monkeypatch, dtype,
-                                                                   name):
+    def test_auto_sends_only_what_the_cupy_backend_supports_to_it(self, monkeypatch, dtype, name):
         # A stand-in CuPy backend (no GPU here): float16 CuPy arrays go to the generic code.
         class FakeCupyBackend:
             NAME = "cupy"
@@ -293,8 +297,11 @@ class TestSelection:
     def test_keyword_beats_environment(self, monkeypatch):
         monkeypatch.setenv(kernels.ENV_VAR, "nonsense")
         assert kernels.select(np.zeros(3), backend="numpy").NAME == "numpy"
-        with pytest.raises(ValueError, match=f"the environment variable {kernels.ENV_VAR} is "
-                                             f"'nonsense'; expected one of numpy, numba, cupy"):
+        with pytest.raises(
+            ValueError,
+            match=f"the environment variable {kernels.ENV_VAR} is "
+            f"'nonsense'; expected one of numpy, numba, cupy",
+        ):
             kernels.select(np.zeros(3))
 
     def test_anything_but_numpy_float32_float64_goes_to_numpy(self):
@@ -324,8 +331,10 @@ class TestSelection:
                 return False
 
         monkeypatch.setitem(kernels._loaded, "numba", NoGo)
-        with pytest.raises(TypeError, match="backend is 'numba', which cannot run x of type "
-                                            "ndarray and dtype float16"):
+        with pytest.raises(
+            TypeError,
+            match="backend is 'numba', which cannot run x of type ndarray and dtype float16",
+        ):
             kernels.select(np.zeros(3, np.float16), backend="numba")
 
     def test_missing_numba_falls_back_to_numpy_warning_once(self, monkeypatch):

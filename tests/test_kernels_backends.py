@@ -37,8 +37,9 @@ def _has_cuda() -> bool:
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 HAS_CUDA = _has_cuda()
 NUMBA = pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA, reason="needs numba"))
-CUPY = pytest.param("cupy", marks=pytest.mark.skipif(not HAS_CUDA,
-                                                      reason="needs CuPy and a CUDA device"))
+CUPY = pytest.param(
+    "cupy", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CuPy and a CUDA device")
+)
 BACKENDS = ["numpy", NUMBA, CUPY]
 
 # (A, C, B): rows order (B >= 32), columns order (B == 1, short B)
@@ -69,8 +70,7 @@ class _Backend:
         cp = self.cp
 
         def on_device(*args, **kwargs):
-            out = fn(*[cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args],
-                     **kwargs)
+            out = fn(*[cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args], **kwargs)
             return tuple(map(cp.asnumpy, out)) if isinstance(out, tuple) else cp.asnumpy(out)
 
         return on_device
@@ -97,8 +97,8 @@ def _views(shape, dtype):
     x, dy = _data(shape, dtype)
     a, c, b = shape
     big = np.zeros((a, 2 * c, b + 3), dtype=dtype)
-    big[:, ::2, 1:b + 1] = x
-    return [(x, dy), (big[:, ::2, 1:b + 1], dy)]
+    big[:, ::2, 1 : b + 1] = x
+    return [(x, dy), (big[:, ::2, 1 : b + 1], dy)]
 
 
 def _exact_moments(x3, mask3):
@@ -106,8 +106,12 @@ def _exact_moments(x3, mask3):
     a, c, b = x3.shape
     out = []
     for ch in range(c):
-        vals = [Fraction(float(x3[i, ch, j])) for i in range(a) for j in range(b)
-                if mask3 is None or mask3[i, 0, j]]
+        vals = [
+            Fraction(float(x3[i, ch, j]))
+            for i in range(a)
+            for j in range(b)
+            if mask3 is None or mask3[i, 0, j]
+        ]
         if not vals:
             out.append((Fraction(0), Fraction(0)))
             continue
@@ -128,8 +132,9 @@ def _check_moments(mean, m2, x3, mask3, *, k=8, contract=True):
         std = float(em2 / n) ** 0.5 if n else 0.0
         assert abs(Fraction(float(mean[ch])) - em) <= k * U64 * (abs(float(em)) + std), ch
         ratio = abs(float(em)) / std if contract and std else 0.0
-        assert (abs(Fraction(float(m2[ch])) - em2)
-                <= k * max(n, 1) * U64 * (1 + ratio) * float(em2)), ch
+        assert abs(Fraction(float(m2[ch])) - em2) <= k * max(n, 1) * U64 * (1 + ratio) * float(
+            em2
+        ), ch
 
 
 def _check_rounded(y, exact, size, dtype):
@@ -167,8 +172,7 @@ class TestAgainstExactArithmetic:
             assert y.dtype == dtype and y.shape == shape
             for i, ch, j in np.ndindex(*shape[:2], min(shape[2], 50)):
                 d = (Fraction(float(x3[i, ch, j])) - Fraction(mean[ch])) * Fraction(scale[ch])
-                _check_rounded(y[i, ch, j], d + Fraction(shift[ch]), abs(d) + abs(shift[ch]),
-                               dtype)
+                _check_rounded(y[i, ch, j], d + Fraction(shift[ch]), abs(d) + abs(shift[ch]), dtype)
 
     def test_grad_sums(self, backend, shape, dtype, masked):
         k = _backend(backend)
@@ -182,7 +186,8 @@ class TestAgainstExactArithmetic:
                 n = len(g)
                 assert abs(Fraction(float(a[ch])) - ea) <= 2 * n * U64 * sum(abs(v) for v in g)
                 assert abs(Fraction(float(b[ch])) - eb) <= 3 * n * U64 * sum(
-                    abs(gi * di) for gi, di in zip(g, d, strict=True))
+                    abs(gi * di) for gi, di in zip(g, d, strict=True)
+                )
 
     def test_grad_input_is_rounded_once(self, backend, shape, dtype, masked):
         k = _backend(backend)
@@ -197,10 +202,14 @@ class TestAgainstExactArithmetic:
                 valid = mask3 is None or mask3[i, 0, j]
                 ex = Fraction(k_dy[ch]) * Fraction(float(dy3[i, ch, j]))
                 if valid:
-                    ex -= (Fraction(k_x[ch]) * (Fraction(float(x3[i, ch, j])) - Fraction(mean[ch]))
-                           + Fraction(k_0[ch]))
-                size = (abs(k_dy[ch] * float(dy3[i, ch, j]))
-                        + abs(k_x[ch] * (float(x3[i, ch, j]) - mean[ch])) + abs(k_0[ch]))
+                    ex -= Fraction(k_x[ch]) * (
+                        Fraction(float(x3[i, ch, j])) - Fraction(mean[ch])
+                    ) + Fraction(k_0[ch])
+                size = (
+                    abs(k_dy[ch] * float(dy3[i, ch, j]))
+                    + abs(k_x[ch] * (float(x3[i, ch, j]) - mean[ch]))
+                    + abs(k_0[ch])
+                )
                 _check_rounded(dx[i, ch, j], ex, size, dtype)
 
 
@@ -229,8 +238,9 @@ class TestTheChecksCanFail:
     def test_the_moment_check_rejects_values_just_outside_its_bounds(self):
         x3, _ = _data((3, 2, 40), np.float64, loc=1e8)
         n, ratio = 120, 1e8  # |mean| / std ~ 1e8 (std ~ 1)
-        mean, m2 = (np.array([float(v) for v in col])
-                    for col in zip(*_exact_moments(x3, None), strict=True))
+        mean, m2 = (
+            np.array([float(v) for v in col]) for col in zip(*_exact_moments(x3, None), strict=True)
+        )
         _check_moments(mean, m2, x3, None, contract=False)
         with pytest.raises(AssertionError):
             _check_moments(mean * (1 + 9 * U64) + 9 * U64, m2, x3, None)
@@ -301,8 +311,9 @@ class TestHardRegimes:
         x3[~np.broadcast_to(mask3, shape)] = np.nan
         mean, m2 = k.moments(x3, mask3, xp=np)
         _check_moments(mean, m2, x3, mask3)
-        dx = k.grad_input(dy3, x3, mean, np.ones(2), np.ones(2), np.ones(2), mask3, xp=np,
-                         dtype=np.float64)
+        dx = k.grad_input(
+            dy3, x3, mean, np.ones(2), np.ones(2), np.ones(2), mask3, xp=np, dtype=np.float64
+        )
         assert np.isfinite(dx).all()
 
 
@@ -345,13 +356,16 @@ def test_backends_agree(other, shape, dtype, variant):
             scale, shift = np.linspace(0.5, 2, c), np.linspace(-1, 1, c)
             y = k.normalize(x3, shared, scale, shift, xp=np, dtype=dtype)
             a, b = k.grad_sums(dy3, x3, shared, scale, xp=np)
-            dx = k.grad_input(dy3, x3, shared, scale, shift, scale * 0.1, mask3, xp=np,
-                              dtype=dtype)
+            dx = k.grad_input(dy3, x3, shared, scale, shift, scale * 0.1, mask3, xp=np, dtype=dtype)
         results[name] = (mean, m2, y, a, b, dx)
     (mean0, m20, y0, a0, b0, dx0), (mean1, m21, y1, a1, b1, dx1) = results.values()
     n = shape[0] * shape[2]
-    for v0, v1, tol in ((mean0, mean1, 4 * U64), (m20, m21, 4 * n * U64),
-                        (a0, a1, 2 * n * U64), (b0, b1, 2 * n * U64)):
+    for v0, v1, tol in (
+        (mean0, mean1, 4 * U64),
+        (m20, m21, 4 * n * U64),
+        (a0, a1, 2 * n * U64),
+        (b0, b1, 2 * n * U64),
+    ):
         # a channel with Inf/NaN is non-finite on both (Inf or NaN: documented either way)
         fin = np.isfinite(v0)
         np.testing.assert_array_equal(fin, np.isfinite(v1))
@@ -369,8 +383,10 @@ def test_one_ulp_check_rejects_two_ulps():
         _assert_within_one_ulp(a, np.nextafter(np.nextafter(a, np.float32(3)), np.float32(3)))
 
 
-@pytest.mark.parametrize("fmt, shape", [("NCHW", (4, 3, 6, 7)), ("NHWC", (4, 6, 7, 3)),
-                                        ("NC", (9, 5)), ("NCL", (4, 3, 5))])
+@pytest.mark.parametrize(
+    "fmt, shape",
+    [("NCHW", (4, 3, 6, 7)), ("NHWC", (4, 6, 7, 3)), ("NC", (9, 5)), ("NCL", (4, 3, 5))],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_public_forward_backward_agree_across_backends(fmt, shape, dtype):
     """The functional core gives the same results whichever backend runs.
@@ -412,9 +428,15 @@ def test_without_numba_the_numpy_backend_runs_and_says_so_once():
         print(caught[0].message)
     """)
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     first, message = proc.stdout.splitlines()[:2]
     assert first == "['numpy', 'numpy', 'numpy'] ['BackendWarning']"

@@ -15,50 +15,89 @@ from tests._layers import channels, make_case, mismatches, run_simulated
 
 def sync_layer(case, **kw):
     def make(comm):
-        return SyncBatchNorm(channels(case), data_format=case.data_format,
-                             convention=case.convention, momentum=case.momentum, comm=comm,
-                             process_groups=case.groups, dtype=np.float64, **kw)
+        return SyncBatchNorm(
+            channels(case),
+            data_format=case.data_format,
+            convention=case.convention,
+            momentum=case.momentum,
+            comm=comm,
+            process_groups=case.groups,
+            dtype=np.float64,
+            **kw,
+        )
+
     return make
 
 
 class TestSyncBatchNormMatchesOracle:
-    @pytest.mark.parametrize("data_format,shape", [("NCHW", (7, 3, 2, 2)), ("NHWC", (7, 2, 2, 3)),
-                                                   ("NC", (7, 3)), ("NLC", (7, 4, 3))])
+    @pytest.mark.parametrize(
+        "data_format,shape",
+        [("NCHW", (7, 3, 2, 2)), ("NHWC", (7, 2, 2, 3)), ("NC", (7, 3)), ("NLC", (7, 4, 3))],
+    )
     @pytest.mark.parametrize("convention", ["reference", "paddle", "torch", "mindspore"])
     def test_uneven_shards_with_an_empty_rank(self, data_format, shape, convention):
         rng = np.random.default_rng(1)
         momentum = {"torch": 0.1}.get(convention, 0.9)
-        case = make_case(rng, shape, (1, 0, 4, 2), data_format=data_format,
-                         convention=convention, momentum=momentum)
+        case = make_case(
+            rng,
+            shape,
+            (1, 0, 4, 2),
+            data_format=data_format,
+            convention=convention,
+            momentum=momentum,
+        )
         assert mismatches(run_simulated(case, sync_layer(case)), case) == []
 
     def test_process_groups_synchronize_within_each_group(self):
         rng = np.random.default_rng(2)
-        case = make_case(rng, (9, 2, 3), (1, 3, 2, 3), data_format="NCL",
-                         convention="reference", momentum=0.9, groups=[[0, 2], [3, 1]])
+        case = make_case(
+            rng,
+            (9, 2, 3),
+            (1, 3, 2, 3),
+            data_format="NCL",
+            convention="reference",
+            momentum=0.9,
+            groups=[[0, 2], [3, 1]],
+        )
         assert mismatches(run_simulated(case, sync_layer(case)), case) == []
 
     @pytest.mark.parametrize("convention", ["reference", "paddle"])
     def test_mask_uses_valid_positions_with_exact_weighting(self, convention):
         rng = np.random.default_rng(3)
-        case = make_case(rng, (6, 2, 5), (2, 1, 3), data_format="NCL", convention=convention,
-                         momentum=0.9, mask=True)
+        case = make_case(
+            rng,
+            (6, 2, 5),
+            (2, 1, 3),
+            data_format="NCL",
+            convention=convention,
+            momentum=0.9,
+            mask=True,
+        )
         assert mismatches(run_simulated(case, sync_layer(case)), case) == []
 
     def test_eval_uses_running_statistics_and_keeps_them(self):
         rng = np.random.default_rng(4)
-        case = make_case(rng, (5, 2, 3), (2, 3), data_format="NCL", convention="reference",
-                         momentum=0.9, training=False)
+        case = make_case(
+            rng,
+            (5, 2, 3),
+            (2, 3),
+            data_format="NCL",
+            convention="reference",
+            momentum=0.9,
+            training=False,
+        )
 
         def make(comm):
             return sync_layer(case)(comm).eval()
+
         assert mismatches(run_simulated(case, make), case) == []
 
     def test_plain_batchnorm_differs_from_sync_on_uneven_data(self):
         """Negative control: per-rank batch norm is not the synchronized result."""
         rng = np.random.default_rng(5)
-        case = make_case(rng, (6, 2), (1, 5), data_format="NC", convention="reference",
-                         momentum=0.9)
+        case = make_case(
+            rng, (6, 2), (1, 5), data_format="NC", convention="reference", momentum=0.9
+        )
         local = run_simulated(case, lambda comm: BatchNorm(2, data_format="NC", dtype=np.float64))
         assert mismatches(local, case, keys=("y",)) != []
 
@@ -114,14 +153,17 @@ class TestLayerState:
         bn.backward(np.ones((2, 2)))
         assert bn.weight is None and bn.weight_grad is None and "weight" not in bn.state_dict()
 
-    @pytest.mark.parametrize("kwargs,exc,name", [
-        ({"num_features": 2.0}, TypeError, "num_features"),
-        ({"num_features": 0}, ValueError, "num_features"),
-        ({"num_features": 2, "eps": -1.0}, ValueError, "eps"),
-        ({"num_features": 2, "momentum": 1.5}, ValueError, "momentum"),
-        ({"num_features": 2, "data_format": "CHWN"}, ValueError, "data_format"),
-        ({"num_features": 2, "convention": "caffe"}, ValueError, "convention"),
-    ])
+    @pytest.mark.parametrize(
+        "kwargs,exc,name",
+        [
+            ({"num_features": 2.0}, TypeError, "num_features"),
+            ({"num_features": 0}, ValueError, "num_features"),
+            ({"num_features": 2, "eps": -1.0}, ValueError, "eps"),
+            ({"num_features": 2, "momentum": 1.5}, ValueError, "momentum"),
+            ({"num_features": 2, "data_format": "CHWN"}, ValueError, "data_format"),
+            ({"num_features": 2, "convention": "caffe"}, ValueError, "convention"),
+        ],
+    )
     def test_invalid_arguments_raise_naming_them(self, kwargs, exc, name):
         with pytest.raises(exc, match=name):
             SyncBatchNorm(**kwargs)
@@ -129,6 +171,7 @@ class TestLayerState:
     def test_channel_mismatch_raises_on_every_rank(self):
         def body(comm, c):
             return SyncBatchNorm(2, data_format="NC", comm=comm)(np.ones((2, c)))
+
         with pytest.raises(RankError) as info:
             SimulatedWorld(2).run(body, [2, 3])
         assert set(info.value.errors) == {0, 1}
@@ -145,8 +188,7 @@ class TestConvertSyncBatchnorm:
     def test_converts_nested_layers_sharing_arrays(self):
         shared = BatchNorm(4)
         shared.train(False)
-        model = {"seq": Sequential(BatchNorm(4), shared), "blocks": [Block(), shared],
-                 "other": 3}
+        model = {"seq": Sequential(BatchNorm(4), shared), "blocks": [Block(), shared], "other": 3}
         model["self"] = model  # a cycle
         weight, rm = shared.weight, shared.running_mean
         out = convert_sync_batchnorm(model)
@@ -162,8 +204,13 @@ class TestConvertSyncBatchnorm:
         bn = BatchNorm(3, eps=1e-3, momentum=0.8, data_format="NHWC", convention="keras")
         bn(np.ones((2, 1, 1, 3)))
         new = convert_sync_batchnorm(bn)
-        assert (new.eps, new.momentum, new.data_format, new.convention.name,
-                new.num_batches_tracked) == (1e-3, 0.8, "NHWC", "keras", 1)
+        assert (
+            new.eps,
+            new.momentum,
+            new.data_format,
+            new.convention.name,
+            new.num_batches_tracked,
+        ) == (1e-3, 0.8, "NHWC", "keras", 1)
 
     def test_sync_layers_are_left_alone(self):
         layer = SyncBatchNorm(2)
@@ -180,11 +227,13 @@ class TestOtherNamespaces:
             y = layer(xp.asarray(x[rows]))
             layer.backward(xp.ones_like(y))
             return y, layer.running_mean, layer.weight_grad
+
         out = SimulatedWorld(2).run(body, [slice(0, 1), slice(1, 6)])
         assert all(type(a) is type(xp.asarray(0.0)) for a in out[0])
         ref = BatchNorm(2, data_format="NC", dtype=np.float64)
-        np.testing.assert_allclose(np.concatenate([np.asarray(o[0]) for o in out]), ref(x),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            np.concatenate([np.asarray(o[0]) for o in out]), ref(x), rtol=1e-12
+        )
 
 
 def _every_layer_class():
@@ -192,8 +241,9 @@ def _every_layer_class():
     from refsyncbn.compat import mindspore, paddle, torch
 
     dense = np.random.default_rng(9).normal(size=(2, 3, 2, 2))
-    coo = SparseCooTensor(np.array([[0, 0, 0], [0, 1, 3]]),
-                          np.random.default_rng(10).normal(size=(3, 3)), (1, 4, 3))
+    coo = SparseCooTensor(
+        np.array([[0, 0, 0], [0, 1, 3]]), np.random.default_rng(10).normal(size=(3, 3)), (1, 4, 3)
+    )
     return [
         ("BatchNorm", lambda c: BatchNorm(c), dense),
         ("SyncBatchNorm", lambda c: SyncBatchNorm(c), dense),
@@ -255,8 +305,11 @@ def _converters():
     return [
         ("refsyncbn", lambda: BatchNorm(2, eps=0.5, data_format="NC"), convert_sync_batchnorm),
         ("torch", lambda: torch.BatchNorm(2, eps=0.5), torch.SyncBatchNorm.convert_sync_batchnorm),
-        ("paddle", lambda: paddle.BatchNorm(2, epsilon=0.5, data_format="NC"),
-         paddle.SyncBatchNorm.convert_sync_batchnorm),
+        (
+            "paddle",
+            lambda: paddle.BatchNorm(2, epsilon=0.5, data_format="NC"),
+            paddle.SyncBatchNorm.convert_sync_batchnorm,
+        ),
     ]
 
 
@@ -290,8 +343,9 @@ class TestSaveLoad:
         with pytest.raises(ValueError, match=r"unexpected keys \['bias', 'weight'\]"):
             BatchNorm(2, affine=False, data_format="NC").load(tmp_path / "affine.npz")
 
-    @pytest.mark.parametrize(("saved", "layer"), [(np.float64, np.float32),
-                                                  (np.float32, np.float64)])
+    @pytest.mark.parametrize(
+        ("saved", "layer"), [(np.float64, np.float32), (np.float32, np.float64)]
+    )
     def test_load_converts_to_the_layer_dtype(self, tmp_path, saved, layer):
         src = BatchNorm(2, data_format="NC", dtype=saved)
         src(np.array([[1.0, 2.0], [4.0, 8.0]], dtype=saved))

@@ -8,10 +8,24 @@ import pytest
 from refsyncbn.layouts import DATA_FORMATS, get_layout
 
 # format: (ndim, channel axis), written out from the format names.
-TABLE = {"NC": (2, 1), "NCL": (3, 1), "NLC": (3, 2), "NCHW": (4, 1), "NHWC": (4, 3),
-         "NCDHW": (5, 1), "NDHWC": (5, 4)}
-SHAPES = {"NC": (3, 4), "NCL": (3, 4, 5), "NLC": (3, 5, 4), "NCHW": (3, 4, 2, 5),
-          "NHWC": (3, 2, 5, 4), "NCDHW": (3, 4, 2, 1, 3), "NDHWC": (3, 2, 1, 3, 4)}
+TABLE = {
+    "NC": (2, 1),
+    "NCL": (3, 1),
+    "NLC": (3, 2),
+    "NCHW": (4, 1),
+    "NHWC": (4, 3),
+    "NCDHW": (5, 1),
+    "NDHWC": (5, 4),
+}
+SHAPES = {
+    "NC": (3, 4),
+    "NCL": (3, 4, 5),
+    "NLC": (3, 5, 4),
+    "NCHW": (3, 4, 2, 5),
+    "NHWC": (3, 2, 5, 4),
+    "NCDHW": (3, 4, 2, 1, 3),
+    "NDHWC": (3, 2, 1, 3, 4),
+}
 
 
 def test_the_seven_formats():
@@ -43,7 +57,8 @@ class TestLayout:
         layout = get_layout(fmt)
         shape = SHAPES[fmt]
         assert layout.mask_shape(shape) == tuple(
-            s for i, s in enumerate(shape) if i != layout.channel_axis)
+            s for i, s in enumerate(shape) if i != layout.channel_axis
+        )
         rng = np.random.default_rng(0)
         mask = rng.random(layout.mask_shape(shape)) < 0.5
         x = np.broadcast_to(np.expand_dims(mask, layout.channel_axis), shape).astype(float)

@@ -68,8 +68,10 @@ class TestFailureInjection:
         for r in range(n):
             for scenario in ("channels", "dtype", "shape", "dy-shape"):
                 assert re.search(rf"rank {r} {scenario}: ValueError: \S", out), out
-            assert f"rank {r} channels: ValueError: forward: rank 2 passed 4 channels, rank 0 " \
-                   f"passed 3 channels" in out
+            assert (
+                f"rank {r} channels: ValueError: forward: rank 2 passed 4 channels, rank 0 "
+                f"passed 3 channels" in out
+            )
             assert f"rank {r} nan: no exception" in out
         assert "rank 2 shape: ValueError: x has shape (3, 3, 2) (3-D)" in out
         assert "rank 0 shape: ValueError: forward: rank(s) [2] of the group rejected" in out
@@ -96,20 +98,28 @@ class TestDivergence:
         for r in range(3):
             for scenario in ("eval", "forward-twice", "groups", "convention"):
                 assert re.search(rf"rank {r} {scenario}: ValueError: \S", proc.stdout), proc.stdout
-        assert "rank 0 forward-twice: ValueError: backward: rank 1 is in forward(training=False) " \
-               "call #2, rank 0 in backward call #1" in proc.stdout
-        assert "rank 1 groups: ValueError: group_comm: rank 1 passed process_groups=[[0, 1], " \
-               "[2]], rank 0 passed another process_groups" in proc.stdout
-        assert "rank 2 groups: ValueError: group_comm: rank 1 passed another process_groups " \
-               "(digest 0x" in proc.stdout
+        assert (
+            "rank 0 forward-twice: ValueError: backward: rank 1 is in forward(training=False) "
+            "call #2, rank 0 in backward call #1" in proc.stdout
+        )
+        assert (
+            "rank 1 groups: ValueError: group_comm: rank 1 passed process_groups=[[0, 1], "
+            "[2]], rank 0 passed another process_groups" in proc.stdout
+        )
+        assert (
+            "rank 2 groups: ValueError: group_comm: rank 1 passed another process_groups "
+            "(digest 0x" in proc.stdout
+        )
 
     def test_a_rank_that_never_calls_aborts_the_job_with_the_deadline_message(self):
         # The last rank sleeps 120 s: only the abort can end the job within mpirun's 60 s.
         proc = mpirun(3, "tests/mpi/mpi_diverge.py", "timeout", timeout=60)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0, out
-        assert "CollectiveTimeout: MPIComm: forward(training=True) call #1 (agreement) did not " \
-               "complete within 2 s on a clone of MPI_COMM_WORLD" in out, out
+        assert (
+            "CollectiveTimeout: MPIComm: forward(training=True) call #1 (agreement) did not "
+            "complete within 2 s on a clone of MPI_COMM_WORLD" in out
+        ), out
         assert "returned from forward" not in out, out
 
     @pytest.mark.parametrize("n", [2, 3, 4])
@@ -131,10 +141,19 @@ def _cli_case(splits=(3, 0, 2, 4), groups=((0,), (1, 2, 3))):
     """Uneven splits with an empty rank, ragged groups, affine, dy, NHWC."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((sum(splits), 2, 3, 3)) * 3 + 1
-    return Case(x=x, dy=rng.standard_normal(x.shape), weight=rng.uniform(0.5, 2, 3),
-                bias=rng.standard_normal(3), running_mean=np.zeros(3), running_var=np.ones(3),
-                splits=splits, data_format="NHWC", convention="torch", momentum=0.1,
-                groups=None if groups is None else [list(g) for g in groups])
+    return Case(
+        x=x,
+        dy=rng.standard_normal(x.shape),
+        weight=rng.uniform(0.5, 2, 3),
+        bias=rng.standard_normal(3),
+        running_mean=np.zeros(3),
+        running_var=np.ones(3),
+        splits=splits,
+        data_format="NHWC",
+        convention="torch",
+        momentum=0.1,
+        groups=None if groups is None else [list(g) for g in groups],
+    )
 
 
 def _check_outputs(case, out_dir):
@@ -144,8 +163,9 @@ def _check_outputs(case, out_dir):
         assert sorted(got) == ["dbias", "dweight", "dx", "running_mean", "running_var", "y"]
         for key, value in got.items():
             assert value.dtype == case.x.dtype
-            np.testing.assert_allclose(value, expected[r][key], rtol=1e-10, atol=1e-10,
-                                       err_msg=f"rank {r} {key}")
+            np.testing.assert_allclose(
+                value, expected[r][key], rtol=1e-10, atol=1e-10, err_msg=f"rank {r} {key}"
+            )
     return [read_result(out_dir / f"rank{r}.npz") for r in range(case.world_size)]
 
 
@@ -153,8 +173,9 @@ class TestCommandLine:
     def test_run_under_mpiexec_and_in_process_match_the_oracle_and_each_other(self, tmp_path):
         case = _cli_case()
         write_case(tmp_path / "case.npz", case)
-        proc = mpirun(4, "-m", "refsyncbn", "run", str(tmp_path / "case.npz"),
-                      str(tmp_path / "mpi"))
+        proc = mpirun(
+            4, "-m", "refsyncbn", "run", str(tmp_path / "case.npz"), str(tmp_path / "mpi")
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         mpi = _check_outputs(case, tmp_path / "mpi")
         args = _parse_run([str(tmp_path / "case.npz"), str(tmp_path / "sim"), "--world", "4"])
@@ -165,18 +186,32 @@ class TestCommandLine:
 
     def test_run_with_the_wrong_world_size_fails_on_every_rank(self, tmp_path):
         write_case(tmp_path / "case.npz", _cli_case())
-        proc = mpirun(3, "-m", "refsyncbn", "run", str(tmp_path / "case.npz"),
-                      str(tmp_path / "out"), timeout=60)
+        proc = mpirun(
+            3,
+            "-m",
+            "refsyncbn",
+            "run",
+            str(tmp_path / "case.npz"),
+            str(tmp_path / "out"),
+            timeout=60,
+        )
         assert proc.returncode != 0
         for r in range(3):
-            assert f"rank {r} of 3: error: the case has splits for 4 ranks but the world has " \
-                   f"3" in proc.stderr, proc.stderr
+            assert (
+                f"rank {r} of 3: error: the case has splits for 4 ranks but the world has "
+                f"3" in proc.stderr
+            ), proc.stderr
         assert not (tmp_path / "out").exists()
 
-    @pytest.mark.parametrize(("key", "value"), [("splits", np.array([[1, 2]])),
-                                                ("data_format", np.str_("NCWH")),
-                                                ("schema", np.str_("refsyncbn case v0")),
-                                                ("x", None)])
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("splits", np.array([[1, 2]])),
+            ("data_format", np.str_("NCWH")),
+            ("schema", np.str_("refsyncbn case v0")),
+            ("x", None),
+        ],
+    )
     def test_a_bad_case_file_names_the_key(self, tmp_path, capsys, key, value):
         write_case(tmp_path / "case.npz", _cli_case(splits=(3, 2), groups=None))
         with np.load(tmp_path / "case.npz") as f:
@@ -191,8 +226,15 @@ class TestCommandLine:
 
     def test_a_bad_case_file_under_mpiexec_fails_on_every_rank(self, tmp_path):
         (tmp_path / "bad.npz").write_bytes(b"not an npz file")
-        proc = mpirun(2, "-m", "refsyncbn", "run", str(tmp_path / "bad.npz"),
-                      str(tmp_path / "out"), timeout=60)
+        proc = mpirun(
+            2,
+            "-m",
+            "refsyncbn",
+            "run",
+            str(tmp_path / "bad.npz"),
+            str(tmp_path / "out"),
+            timeout=60,
+        )
         assert proc.returncode != 0
         for r in range(2):
             assert f"refsyncbn run: rank {r} of 2: error:" in proc.stderr, proc.stderr
@@ -221,8 +263,9 @@ def test_selfcheck_detects_a_wrong_output():
 
     case = next(c for c in build_cases(2, 14, seed=1) if c.training and c.splits[0])
     expected = expected_outputs(case, param_grads="local")[0]
-    outputs = {k: expected[k] for k in ("y", "dx", "dweight", "dbias", "running_mean",
-                                        "running_var")}
+    outputs = {
+        k: expected[k] for k in ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+    }
     assert case_error(case, 0, outputs, expected)[0] == 0.0
     outputs["running_var"] = expected["running_var"] * (1 + 1e-6)
     err, key = case_error(case, 0, outputs, expected)
@@ -231,8 +274,11 @@ def test_selfcheck_detects_a_wrong_output():
 
 
 def test_importing_the_run_and_selfcheck_commands_loads_no_mpi4py():
-    code = ("import sys, refsyncbn.cli.run, refsyncbn.cli.selfcheck; "
-            "print('mpi4py' in sys.modules, 'cupy' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    code = (
+        "import sys, refsyncbn.cli.run, refsyncbn.cli.selfcheck; "
+        "print('mpi4py' in sys.modules, 'cupy' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     assert out.split() == ["False", "False"]

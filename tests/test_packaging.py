@@ -30,6 +30,7 @@ class TestVersion:
     def test_uninstalled_checkout_reads_setup_cfg(self, monkeypatch):
         def not_installed(name):
             raise metadata.PackageNotFoundError(name)
+
         monkeypatch.setattr(metadata, "version", not_installed)
         assert _version._version() == _setup_cfg()["metadata"]["version"]
 
@@ -71,8 +72,10 @@ class TestDocs:
 
     def test_readme_starts_from_a_clone_and_a_venv(self):
         readme = (ROOT / "README.md").read_text()
-        setup = readme[readme.index("## Set up"):]
-        assert setup.index("git clone") < setup.index("python3 -m venv") < setup.index("pip install")
+        setup = readme[readme.index("## Set up") :]
+        assert (
+            setup.index("git clone") < setup.index("python3 -m venv") < setup.index("pip install")
+        )
         low = _setup_cfg()["options"]["python_requires"].strip().removeprefix(">=")
         assert f"Python {low}" in setup
 
@@ -80,11 +83,17 @@ class TestDocs:
 class TestLayout:
     def test_dense_paddle_layers_never_import_the_sparse_ones(self):
         tree = ast.parse((ROOT / "refsyncbn/compat/paddle/__init__.py").read_text())
-        siblings = [(node.module, [a.name for a in node.names]) for node in ast.walk(tree)
-                    if isinstance(node, ast.ImportFrom) and node.level == 1]
-        assert not any(module == "sparse" or (module is None and "sparse" in names)
-                       for module, names in siblings), siblings
+        siblings = [
+            (node.module, [a.name for a in node.names])
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+        ]
+        assert not any(
+            module == "sparse" or (module is None and "sparse" in names)
+            for module, names in siblings
+        ), siblings
 
     def test_paddle_sparse_is_reachable_as_an_attribute(self):
         from refsyncbn.compat import paddle
+
         assert paddle.sparse.SyncBatchNorm.__module__ == "refsyncbn.compat.paddle.sparse"

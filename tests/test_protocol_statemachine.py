@@ -25,8 +25,19 @@ from refsyncbn.layer import SyncBatchNorm
 
 C = 3
 FIELDS = {
-    "forward": ["training", "eps", "momentum", "convention", "variance", "dtype", "mask",
-                "affine", "running", "skip", "extra"],
+    "forward": [
+        "training",
+        "eps",
+        "momentum",
+        "convention",
+        "variance",
+        "dtype",
+        "mask",
+        "affine",
+        "running",
+        "skip",
+        "extra",
+    ],
     "backward": ["param_grads", "dtype", "skip", "extra"],
     "layer": ["training", "skip"],
     "build": ["groups"],
@@ -39,8 +50,11 @@ def programs(draw):
     size = draw(st.integers(2, 3))
     steps = [("build", None)]
     for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["forward", "layer"] + (
-            ["backward"] if steps[-1][0] == "forward" else [])))
+        kind = draw(
+            st.sampled_from(
+                ["forward", "layer"] + (["backward"] if steps[-1][0] == "forward" else [])
+            )
+        )
         steps.append((kind, draw(st.booleans())))  # training flag / affine for backward
     deviation = None
     if draw(st.booleans()):
@@ -59,12 +73,19 @@ def _run(comm, steps, deviation):
         if field == "skip" or (kind == "backward" and saved is None):
             continue  # (a rank that skipped the forward has nothing to differentiate)
         if field == "extra":
-            forward(np.ones((2, C)), running_mean=np.zeros(C), running_var=np.ones(C),
-                    training=False, data_format="NC", comm=comm)
+            forward(
+                np.ones((2, C)),
+                running_mean=np.zeros(C),
+                running_var=np.ones(C),
+                training=False,
+                data_format="NC",
+                comm=comm,
+            )
         x = rng.standard_normal((comm.rank + 1, C)) * 3 + 1
         if kind == "build":
-            groups = [[r] for r in range(comm.size)] if field == "groups" else [
-                list(range(comm.size))]
+            groups = (
+                [[r] for r in range(comm.size)] if field == "groups" else [list(range(comm.size))]
+            )
             layer = SyncBatchNorm(C, data_format="NC", process_groups=groups, comm=comm)
         elif kind == "layer":
             if flag != (field == "training"):
@@ -75,19 +96,38 @@ def _run(comm, steps, deviation):
             layer.backward(np.ones_like(x))
             seen += [layer.running_mean.tobytes(), layer._saved.mean.tobytes()]
         elif kind == "forward":
-            kw = {"training": flag, "eps": 1e-5, "momentum": 0.9, "convention": "reference",
-                  "variance": "stable", "mask": None}
+            kw = {
+                "training": flag,
+                "eps": 1e-5,
+                "momentum": 0.9,
+                "convention": "reference",
+                "variance": "stable",
+                "mask": None,
+            }
             w = b = np.ones(C)
             rm, rv = np.zeros(C), np.ones(C)
             if field in ("training", "eps", "momentum", "convention", "variance", "mask"):
-                kw[field] = {"training": not flag, "eps": np.nextafter(1e-5, 1),
-                             "momentum": 0.5, "convention": "torch", "variance": "naive",
-                             "mask": np.ones(x.shape[0], bool)}[field]
+                kw[field] = {
+                    "training": not flag,
+                    "eps": np.nextafter(1e-5, 1),
+                    "momentum": 0.5,
+                    "convention": "torch",
+                    "variance": "naive",
+                    "mask": np.ones(x.shape[0], bool),
+                }[field]
             x = x.astype(np.float32) if field == "dtype" else x
             w = b = None if field == "affine" else w
             rm = rv = None if field == "running" else rm
-            res = forward(x, w, b, running_mean=rm, running_var=rv if rm is not None else None,
-                          data_format="NC", comm=comm, **kw)
+            res = forward(
+                x,
+                w,
+                b,
+                running_mean=rm,
+                running_var=rv if rm is not None else None,
+                data_format="NC",
+                comm=comm,
+                **kw,
+            )
             saved = res.saved
             seen += [saved.mean.tobytes(), saved.var.tobytes()]
         else:
@@ -111,8 +151,9 @@ def test_every_deviation_raises_on_every_rank_and_none_hangs(program):
         world.run(lambda comm: _run(comm, steps, deviation))
     errors = info.value.errors
     if deviation[2] == "skip":
-        assert all(isinstance(e, (ValueError, CollectiveTimeout, PeerAborted))
-                   for e in errors.values()), info.value
+        assert all(
+            isinstance(e, (ValueError, CollectiveTimeout, PeerAborted)) for e in errors.values()
+        ), info.value
         assert any(isinstance(e, (ValueError, CollectiveTimeout)) for e in errors.values())
     else:
         assert sorted(errors) == list(range(size)), info.value

@@ -107,7 +107,8 @@ class TestFailures:
         assert info.value.__cause__ is errors[1]
         assert "rank 1: KeyError: 'boom'" in str(info.value)
         assert "rank 0: PeerAborted: rank 0 left a collective because another rank raised" in (
-            str(info.value))
+            str(info.value)
+        )
 
     def test_a_failure_after_a_finished_collective_leaves_the_others_alone(self):
         def body(comm, _):
@@ -129,8 +130,9 @@ class TestFailures:
         assert list(info.value.errors) == [0, 2]
         timed_out = [e for e in info.value.errors.values() if isinstance(e, CollectiveTimeout)]
         assert len(timed_out) >= 1 and isinstance(timed_out[0], TimeoutError)
-        assert all(isinstance(e, (CollectiveTimeout, PeerAborted))
-                   for e in info.value.errors.values())
+        assert all(
+            isinstance(e, (CollectiveTimeout, PeerAborted)) for e in info.value.errors.values()
+        )
         assert "rank(s) [1] never arrived" in str(timed_out[0])
         assert "within 0.2 s on the simulated world" in str(timed_out[0])
 
@@ -140,8 +142,10 @@ class TestFailures:
         assert SimulatedWorld(2).timeout == 2.5
         assert SimulatedWorld(2, timeout=7).timeout == 7.0
         monkeypatch.setenv(TIMEOUT_ENV, "soon")
-        with pytest.raises(ValueError, match="SimulatedWorld: REFSYNCBN_TIMEOUT is 'soon'; "
-                                             "expected a number of seconds > 0"):
+        with pytest.raises(
+            ValueError,
+            match="SimulatedWorld: REFSYNCBN_TIMEOUT is 'soon'; expected a number of seconds > 0",
+        ):
             SimulatedWorld(2)
         for bad in (0, -1.0, float("nan"), True, "5"):
             with pytest.raises(ValueError, match=r"SimulatedWorld: timeout is .*; expected a "):
@@ -165,24 +169,30 @@ class TestValidateProcessGroups:
         out = validate_process_groups([[np.int64(1), 0]], 2)
         assert out == [[1, 0]] and all(type(r) is int for r in out[0])
 
-    @pytest.mark.parametrize(("groups", "match"), [
-        (((0, 1),), "process_groups is a tuple; expected a list of lists"),
-        ([(0, 1)], r"process_groups\[0\] is a tuple; expected a list of int ranks"),
-        ([[0], "12"], r"process_groups\[1\] is a str"),
-        ([[0, 1.0]], r"process_groups\[0\] holds 1.0; expected int ranks"),
-        ([[True]], r"process_groups\[0\] holds True; expected int ranks"),
-    ])
+    @pytest.mark.parametrize(
+        ("groups", "match"),
+        [
+            (((0, 1),), "process_groups is a tuple; expected a list of lists"),
+            ([(0, 1)], r"process_groups\[0\] is a tuple; expected a list of int ranks"),
+            ([[0], "12"], r"process_groups\[1\] is a str"),
+            ([[0, 1.0]], r"process_groups\[0\] holds 1.0; expected int ranks"),
+            ([[True]], r"process_groups\[0\] holds True; expected int ranks"),
+        ],
+    )
     def test_type_errors(self, groups, match):
         with pytest.raises(TypeError, match=match):
             validate_process_groups(groups, 4)
 
-    @pytest.mark.parametrize(("groups", "match"), [
-        ([[0, 4]], r"process_groups\[0\] holds rank 4; expected ranks in \[0, 4\)"),
-        ([[-1]], r"holds rank -1; expected ranks in \[0, 4\)"),
-        ([[0, 1], [1, 2]], "rank 1 is in group 0 and group 1; each rank may appear once only"),
-        ([[2, 2]], "rank 2 is twice in group 0"),
-        ([[0], []], r"process_groups\[1\] is empty; every group needs at least one rank"),
-    ])
+    @pytest.mark.parametrize(
+        ("groups", "match"),
+        [
+            ([[0, 4]], r"process_groups\[0\] holds rank 4; expected ranks in \[0, 4\)"),
+            ([[-1]], r"holds rank -1; expected ranks in \[0, 4\)"),
+            ([[0, 1], [1, 2]], "rank 1 is in group 0 and group 1; each rank may appear once only"),
+            ([[2, 2]], "rank 2 is twice in group 0"),
+            ([[0], []], r"process_groups\[1\] is empty; every group needs at least one rank"),
+        ],
+    )
     def test_value_errors(self, groups, match):
         with pytest.raises(ValueError, match=match):
             validate_process_groups(groups, 4)
@@ -214,7 +224,8 @@ class TestGroupComm:
         assert "rank 1 is in no group of process_groups=[[0, 2]]" in str(errors[1])
         for r in (0, 2):
             assert "group_comm: rank(s) [1] of the group rejected their own inputs" in (
-                str(errors[r]))
+                str(errors[r])
+            )
 
     def test_specs_that_differ_between_ranks_raise_on_every_rank_before_the_split(self):
         specs = [[[0], [1, 2]], [[0, 1], [2]], [[0], [1, 2]]]
@@ -227,11 +238,14 @@ class TestGroupComm:
         errors = info.value.errors
         assert sorted(errors) == [0, 1, 2]
         assert all(isinstance(e, ValueError) for e in errors.values())
-        assert ("group_comm: rank 1 passed process_groups=[[0, 1], [2]], rank 0 passed "
-                "another process_groups (digest ") in str(errors[1])
+        assert (
+            "group_comm: rank 1 passed process_groups=[[0, 1], [2]], rank 0 passed "
+            "another process_groups (digest "
+        ) in str(errors[1])
         for r in (0, 2):
             assert ("group_comm: rank 1 passed another process_groups (digest 0x") in (
-                str(errors[r]))
+                str(errors[r])
+            )
             assert "rank 0 passed process_groups=[[0], [1, 2]]" in str(errors[r])
 
     def test_none_on_one_rank_and_groups_on_the_others_raise_on_every_rank(self):

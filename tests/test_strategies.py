@@ -42,10 +42,23 @@ class TestCases:
         assert case.eps == CONVENTIONS[case.convention].eps
 
     @settings(max_examples=30)
-    @given(case=cases(world_sizes=[3], data_formats=["NHWC"], dtypes=["float16"],
-                      conventions=["flax"], affine=True, training=False, dy=False, mask=True,
-                      groups=False, empty_ranks=False, max_channels=2, max_local_batch=2,
-                      max_spatial=4))
+    @given(
+        case=cases(
+            world_sizes=[3],
+            data_formats=["NHWC"],
+            dtypes=["float16"],
+            conventions=["flax"],
+            affine=True,
+            training=False,
+            dy=False,
+            mask=True,
+            groups=False,
+            empty_ranks=False,
+            max_channels=2,
+            max_local_batch=2,
+            max_spatial=4,
+        )
+    )
     def test_every_dimension_can_be_pinned(self, case):
         assert case.world_size == 3 and case.data_format == "NHWC"
         assert case.x.dtype == np.float16 and case.weight.dtype == np.float16
@@ -98,16 +111,19 @@ class TestCases:
     def test_hard_cases_respect_the_dtypes(self, case):
         assert case.x.dtype == np.float32
 
-    @pytest.mark.parametrize(("kwargs", "match"), [
-        ({"regime": "wild"}, "regime is"),
-        ({"data_formats": ["NCWH"]}, "data_formats is"),
-        ({"dtypes": "float32"}, "dtypes is 'float32'"),
-        ({"conventions": []}, "conventions is"),
-        ({"world_sizes": [0]}, "world_sizes is"),
-        ({"max_channels": 0}, "max_channels is 0"),
-        ({"mask": 1}, "on/off option"),
-        ({"regime": "float16_overflow", "dtypes": ["float32"]}, "needs 'float16' in dtypes"),
-    ])
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"regime": "wild"}, "regime is"),
+            ({"data_formats": ["NCWH"]}, "data_formats is"),
+            ({"dtypes": "float32"}, "dtypes is 'float32'"),
+            ({"conventions": []}, "conventions is"),
+            ({"world_sizes": [0]}, "world_sizes is"),
+            ({"max_channels": 0}, "max_channels is 0"),
+            ({"mask": 1}, "on/off option"),
+            ({"regime": "float16_overflow", "dtypes": ["float32"]}, "needs 'float16' in dtypes"),
+        ],
+    )
     def test_bad_parameters_are_named(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             cases(**kwargs)

@@ -31,9 +31,16 @@ def _mean_std_case(mean, std, n=256, splits=(100, 156), channels=2, seed=0):
     rng = np.random.default_rng(seed)
     x = (mean + std * rng.standard_normal((n, channels))).astype(np.float32)
     f32 = np.float32
-    return Case(x=x, running_mean=np.zeros(channels, f32), running_var=np.ones(channels, f32),
-                splits=splits, data_format="NC", weight=np.full(channels, 1.5, f32),
-                bias=np.full(channels, 0.25, f32), dy=rng.standard_normal(x.shape).astype(f32))
+    return Case(
+        x=x,
+        running_mean=np.zeros(channels, f32),
+        running_var=np.ones(channels, f32),
+        splits=splits,
+        data_format="NC",
+        weight=np.full(channels, 1.5, f32),
+        bias=np.full(channels, 0.25, f32),
+        dy=rng.standard_normal(x.shape).astype(f32),
+    )
 
 
 class TestErrorModelArguments:
@@ -61,8 +68,9 @@ class TestReferenceInsideItsBound:
     @settings(max_examples=40)
     @given(strategies.cases() | strategies.hard_cases())
     def test_uses_under_half_the_float32_bound(self, case):
-        checks = assert_sync_batch_norm_close(_reference(case), case, param_grads="local",
-                                              model=ErrorModel("float32"))
+        checks = assert_sync_batch_norm_close(
+            _reference(case), case, param_grads="local", model=ErrorModel("float32")
+        )
         assert _worst(checks) <= 0.5
 
     @settings(max_examples=40)
@@ -71,15 +79,21 @@ class TestReferenceInsideItsBound:
         # the default model holds float64 data to float64 arithmetic
         assert_sync_batch_norm_close(_reference(case), case, param_grads="local")
 
-
     def test_a_constant_channel_gets_no_nan_bound(self):
         # var = 0 with |mean| = 1e4: the variance error dwarfs eps, so the model
         # promises nothing for x_hat = 0 * inf; that must read as inf, not NaN
         # (found by hypothesis through the README example).
         f16 = np.float16
-        case = Case(x=np.full((2, 1), -1e4, f16), running_mean=np.full(1, -1e4, f16),
-                    running_var=np.full(1, 0.525, f16), splits=(2,), data_format="NC",
-                    convention="torch", momentum=0.1, dy=np.array([[-0.5356], [0.3616]], f16))
+        case = Case(
+            x=np.full((2, 1), -1e4, f16),
+            running_mean=np.full(1, -1e4, f16),
+            running_var=np.full(1, 0.525, f16),
+            splits=(2,),
+            data_format="NC",
+            convention="torch",
+            momentum=0.1,
+            dy=np.array([[-0.5356], [0.3616]], f16),
+        )
         bounds = ErrorModel("float32").bounds(case)
         assert not any(np.isnan(v).any() for res in bounds for v in res.values() if v is not None)
         assert_sync_batch_norm_close(_reference(case), case, param_grads="local")
@@ -95,13 +109,16 @@ class TestResolution:
             case = _mean_std_case(mean, 1.0)
             x = case.x.astype(np.float64)
             u = model.unit(np.float32)
-            _, d_var = model.statistics_error(np.abs(x).mean(0), (x * x).mean(0), x.mean(0),
-                                              x.var(0), len(x), u=u)
+            _, d_var = model.statistics_error(
+                np.abs(x).mean(0), (x * x).mean(0), x.mean(0), x.var(0), len(x), u=u
+            )
             rho = d_var / (x.var(0) + case.eps) + 2 * u
             finite = np.isfinite(model.bounds(case)[0]["y"]).all(0)
             assert np.array_equal(finite, rho < 0.5)
-            seen |= {"resolved, rho > 0.05" if 0.05 < r < 0.5 else "unresolved" if r >= 0.5
-                     else "small" for r in rho}
+            seen |= {
+                "resolved, rho > 0.05" if 0.05 < r < 0.5 else "unresolved" if r >= 0.5 else "small"
+                for r in rho
+            }
         assert seen >= {"resolved, rho > 0.05", "unresolved"}
 
 
@@ -147,9 +164,16 @@ class TestAssertionMessages:
     def setup_method(self):
         rng = np.random.default_rng(3)
         x = rng.standard_normal((6, 3, 2))
-        self.case = Case(x=x, running_mean=np.zeros(3), running_var=np.ones(3), splits=(2, 4),
-                         data_format="NCL", weight=np.ones(3), bias=np.zeros(3),
-                         dy=rng.standard_normal(x.shape))
+        self.case = Case(
+            x=x,
+            running_mean=np.zeros(3),
+            running_var=np.ones(3),
+            splits=(2, 4),
+            data_format="NCL",
+            weight=np.ones(3),
+            bias=np.zeros(3),
+            dy=rng.standard_normal(x.shape),
+        )
         self.good = expected_outputs(self.case)
 
     def test_exact_outputs_pass(self):
@@ -178,12 +202,19 @@ class TestAssertionMessages:
         assert "rank 0, dweight: shape (4,), expected (3,)" in text
         assert "rank 1, y, channel 0: nan at index (0, 0, 0) where" in text
 
-    @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
-                                "ignore:invalid value:RuntimeWarning")
+    @pytest.mark.filterwarnings(
+        "ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning"
+    )
     def test_nan_expected_must_be_nan(self):
         x = np.ones((4, 1))
-        case = Case(x=x, running_mean=np.zeros(1), running_var=np.ones(1), splits=(2, 2),
-                    data_format="NC", eps=0.0)
+        case = Case(
+            x=x,
+            running_mean=np.zeros(1),
+            running_var=np.ones(1),
+            splits=(2, 2),
+            data_format="NC",
+            eps=0.0,
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             expected = expected_outputs(case)
         assert np.isnan(expected[0]["y"]).all()
@@ -200,8 +231,10 @@ class TestAssertionMessages:
         bounds = ErrorModel().bounds(self.case, self.good)
         checks = compare_outputs(self.good, self.good, bounds, data_format="NCL")
         assert {(c.rank, c.quantity) for c in checks} == {
-            (r, k) for r in (0, 1)
-            for k in ("y", "dx", "dweight", "dbias", "running_mean", "running_var")}
+            (r, k)
+            for r in (0, 1)
+            for k in ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+        }
 
 
 class TestAssertOutputClose:

@@ -28,8 +28,9 @@ def manifest(vector_dir):
 
 
 def _files(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 class TestReproducible:
@@ -82,8 +83,15 @@ class TestManifest:
 
     def test_covers_the_hard_parts(self, vector_dir, manifest):
         entries = manifest["cases"]
-        assert {e["data_format"] for e in entries} == {"NC", "NCL", "NLC", "NCHW", "NHWC",
-                                                       "NCDHW", "NDHWC"}
+        assert {e["data_format"] for e in entries} == {
+            "NC",
+            "NCL",
+            "NLC",
+            "NCHW",
+            "NHWC",
+            "NCDHW",
+            "NDHWC",
+        }
         assert {e["dtype"] for e in entries} == {"float16", "float32", "float64"}
         assert any(0 in e["splits"] for e in entries)
         assert any(e["groups"] for e in entries) and any(e["mask"] for e in entries)
@@ -97,8 +105,11 @@ class TestContents:
             oracle = expected_outputs(case)
             for rank in entry["ranks"]:
                 got = read_result(vector_dir / rank["expected"])
-                want = {k: oracle[rank["rank"]][k] for k in RESULT_KEYS
-                        if oracle[rank["rank"]][k] is not None}
+                want = {
+                    k: oracle[rank["rank"]][k]
+                    for k in RESULT_KEYS
+                    if oracle[rank["rank"]][k] is not None
+                }
                 assert set(got) == set(want)
                 for key in want:
                     np.testing.assert_array_equal(got[key], want[key])
@@ -121,7 +132,9 @@ class TestContents:
         expected = read_result(vector_dir / rank["expected"])
         bounds = read_result(vector_dir / rank["bounds"])
         bad = dict(expected, y=expected["y"] + 4 * bounds["y"])
-        (check,) = [c for c in compare_outputs([bad], [expected], [bounds],
-                                               data_format=entry["data_format"])
-                    if c.quantity == "y"]
+        (check,) = [
+            c
+            for c in compare_outputs([bad], [expected], [bounds], data_format=entry["data_format"])
+            if c.quantity == "y"
+        ]
         assert check.ratio == pytest.approx(4.0)

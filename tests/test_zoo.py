@@ -26,24 +26,34 @@ from refsyncbn.testing.checker import reference_candidate, run_candidate
 from refsyncbn.testing.tolerances import ErrorModel, compare_outputs
 
 F32, F16 = np.float32, np.float16
-STABLE, NAIVE, RECURSIVE = ErrorModel(), ErrorModel(variance="naive"), \
-    ErrorModel(summation="recursive")
+STABLE, NAIVE, RECURSIVE = (
+    ErrorModel(),
+    ErrorModel(variance="naive"),
+    ErrorModel(summation="recursive"),
+)
 
 
-def _case(mean, std, splits, *, apart=0.0, dtype=F32, channels=2, eps=1e-5, seed=0,
-          convention="reference"):
+def _case(
+    mean, std, splits, *, apart=0.0, dtype=F32, channels=2, eps=1e-5, seed=0, convention="reference"
+):
     """NC data: rank r's values ~ mean + std * (N(0, 1) + (-1)^(r+1) apart)."""
     rng = np.random.default_rng(seed)
-    shift = np.concatenate([np.full(n, apart * (1 if r % 2 else -1)) for r, n in
-                            enumerate(splits)])
-    x = (mean + std * (rng.standard_normal((sum(splits), channels)) + shift[:, None]))
+    shift = np.concatenate([np.full(n, apart * (1 if r % 2 else -1)) for r, n in enumerate(splits)])
+    x = mean + std * (rng.standard_normal((sum(splits), channels)) + shift[:, None])
     conv = CONVENTIONS[convention]
-    return Case(x=x.astype(dtype), splits=tuple(splits), data_format="NC", convention=convention,
-                running_mean=rng.uniform(-1, 1, channels).astype(dtype),
-                running_var=rng.uniform(0.5, 2, channels).astype(dtype),
-                weight=rng.uniform(0.5, 2, channels).astype(dtype),
-                bias=rng.uniform(-1, 1, channels).astype(dtype),
-                dy=rng.standard_normal(x.shape).astype(dtype), eps=eps, momentum=conv.momentum)
+    return Case(
+        x=x.astype(dtype),
+        splits=tuple(splits),
+        data_format="NC",
+        convention=convention,
+        running_mean=rng.uniform(-1, 1, channels).astype(dtype),
+        running_var=rng.uniform(0.5, 2, channels).astype(dtype),
+        weight=rng.uniform(0.5, 2, channels).astype(dtype),
+        bias=rng.uniform(-1, 1, channels).astype(dtype),
+        dy=rng.standard_normal(x.shape).astype(dtype),
+        eps=eps,
+        momentum=conv.momentum,
+    )
 
 
 def _tie_case(*, same_way, centre=8200.0, apart=3.0, spread=0.125):
@@ -57,9 +67,17 @@ def _tie_case(*, same_way, centre=8200.0, apart=3.0, spread=0.125):
     q = 2.0**-10  # ulp of float32 in [8192, 16384)
     lo, hi = centre - apart + same_way * q, centre + apart + q  # odd multiples round up
     x = np.array([[lo - spread], [lo + spread + q], [hi - spread], [hi + spread + q]], F32)
-    return Case(x=x, splits=(2, 2), data_format="NC", running_mean=np.zeros(1, F32),
-                running_var=np.zeros(1, F32), weight=np.ones(1, F32), bias=np.zeros(1, F32),
-                dy=np.array([[0.5], [-1.0], [0.25], [1.0]], F32), momentum=0.0)
+    return Case(
+        x=x,
+        splits=(2, 2),
+        data_format="NC",
+        running_mean=np.zeros(1, F32),
+        running_var=np.zeros(1, F32),
+        weight=np.ones(1, F32),
+        bias=np.zeros(1, F32),
+        dy=np.array([[0.5], [-1.0], [0.25], [1.0]], F32),
+        momentum=0.0,
+    )
 
 
 HARD = {
@@ -79,23 +97,31 @@ HARD = {
 # name: (zoo_candidate keywords, convention, model of its arithmetic)
 LEGIT = {
     "two_pass_global": ({"stats": "two_pass", "merge": "global"}, "reference", STABLE),
-    "two_pass_global_recursive": ({"stats": "two_pass", "merge": "global",
-                                   "summation": "recursive"}, "reference", RECURSIVE),
-    "two_pass_per_rank_count_merge": ({"stats": "two_pass", "merge": "count"}, "reference",
-                                      STABLE),
-    "two_pass_per_rank_float64_merge": ({"stats": "two_pass", "merge": "count",
-                                         "merge_dtype": "float64"}, "reference", STABLE),
+    "two_pass_global_recursive": (
+        {"stats": "two_pass", "merge": "global", "summation": "recursive"},
+        "reference",
+        RECURSIVE,
+    ),
+    "two_pass_per_rank_count_merge": ({"stats": "two_pass", "merge": "count"}, "reference", STABLE),
+    "two_pass_per_rank_float64_merge": (
+        {"stats": "two_pass", "merge": "count", "merge_dtype": "float64"},
+        "reference",
+        STABLE,
+    ),
     "welford_count_merge": ({"stats": "welford", "merge": "count"}, "reference", STABLE),
-    "torch_per_rank_stats_count_merge": ({"stats": "two_pass", "merge": "count",
-                                          "stats_dtype": "float64", "convention": "torch"},
-                                         "torch", STABLE),
-    "welford_equal_merge": ({"stats": "welford", "merge": "equal", "empty": "nan"}, "flax",
-                            STABLE),
-    "two_pass_equal_float64_merge": ({"stats": "two_pass", "merge": "equal", "empty": "nan",
-                                      "merge_dtype": "float64"}, "flax", STABLE),
+    "torch_per_rank_stats_count_merge": (
+        {"stats": "two_pass", "merge": "count", "stats_dtype": "float64", "convention": "torch"},
+        "torch",
+        STABLE,
+    ),
+    "welford_equal_merge": ({"stats": "welford", "merge": "equal", "empty": "nan"}, "flax", STABLE),
+    "two_pass_equal_float64_merge": (
+        {"stats": "two_pass", "merge": "equal", "empty": "nan", "merge_dtype": "float64"},
+        "flax",
+        STABLE,
+    ),
     "keras_sums_and_squares": ({"stats": "naive", "merge": "count"}, "keras", NAIVE),
-    "flax_pmean_of_moments": ({"stats": "naive", "merge": "equal", "empty": "nan"}, "flax",
-                              NAIVE),
+    "flax_pmean_of_moments": ({"stats": "naive", "merge": "equal", "empty": "nan"}, "flax", NAIVE),
 }
 
 
@@ -113,8 +139,12 @@ def _as(case, convention):
 def _ratios(candidate, case, model):
     """Worst error/bound ratio per output over the ranks."""
     expected = expected_outputs(case)
-    checks = compare_outputs(run_candidate(candidate, case), expected,
-                             model.bounds(case, expected), data_format=case.data_format)
+    checks = compare_outputs(
+        run_candidate(candidate, case),
+        expected,
+        model.bounds(case, expected),
+        data_format=case.data_format,
+    )
     worst: dict = {}
     for c in checks:
         worst[c.quantity] = max(worst.get(c.quantity, 0.0), c.ratio)
@@ -128,8 +158,9 @@ def _legit(name, case_name):
     """Cached ratios of a legitimate algorithm on a hard case."""
     if (name, case_name) not in _RESULTS:
         kwargs, conv, model = LEGIT[name]
-        _RESULTS[name, case_name] = _ratios(zoo_candidate(**kwargs), _as(HARD[case_name], conv),
-                                            model)
+        _RESULTS[name, case_name] = _ratios(
+            zoo_candidate(**kwargs), _as(HARD[case_name], conv), model
+        )
     return _RESULTS[name, case_name]
 
 
@@ -157,16 +188,25 @@ WRONG = {
     "equal_weighting_where_count_expected": (zoo_candidate(merge="equal"), "reference", STABLE),
     "count_weighting_where_equal_expected": (zoo_candidate(merge="count"), "flax", STABLE),
     "biased_running_var_for_torch": (
-        reference_candidate(dataclasses.replace(TORCH, running_var="biased")), "torch", STABLE),
+        reference_candidate(dataclasses.replace(TORCH, running_var="biased")),
+        "torch",
+        STABLE,
+    ),
     "local_correction_for_torch": (
-        reference_candidate(dataclasses.replace(TORCH, running_var="unbiased_local")), "torch",
-        STABLE),
+        reference_candidate(dataclasses.replace(TORCH, running_var="unbiased_local")),
+        "torch",
+        STABLE,
+    ),
     "update_meaning_for_retain": (
         reference_candidate(dataclasses.replace(REFERENCE, momentum_meaning="update")),
-        "reference", STABLE),
+        "reference",
+        STABLE,
+    ),
     "summed_param_grads_for_local": (
-        reference_candidate(dataclasses.replace(REFERENCE, param_grads="sum")), "reference",
-        STABLE),
+        reference_candidate(dataclasses.replace(REFERENCE, param_grads="sum")),
+        "reference",
+        STABLE,
+    ),
 }
 
 
@@ -186,11 +226,13 @@ class TestWrongAlgorithmsFail:
 class TestBoundsAreTight:
     """The worst legitimate error reaches a tenth of every output's bound."""
 
-    @pytest.mark.parametrize("quantity", ["y", "dx", "dweight", "dbias", "running_mean",
-                                          "running_var"])
+    @pytest.mark.parametrize(
+        "quantity", ["y", "dx", "dweight", "dbias", "running_mean", "running_var"]
+    )
     def test_worst_legitimate_error_is_within_10x_of_the_bound(self, quantity):
-        worst = max(_legit(name, case_name).get(quantity, 0.0) for name in LEGIT
-                    for case_name in HARD)
+        worst = max(
+            _legit(name, case_name).get(quantity, 0.0) for name in LEGIT for case_name in HARD
+        )
         assert worst >= 0.1
 
 
@@ -213,8 +255,9 @@ def _term_ratios(name, case, model):
     x = case.x[:, 0]
     mean, var = _exact_statistics(x)
     xd = x.astype(np.float64)
-    d_mean, d_var = model.statistics_error(np.abs(xd).mean(), (xd * xd).mean(), float(mean),
-                                           float(var), len(x), u=model.unit(x.dtype))
+    d_mean, d_var = model.statistics_error(
+        np.abs(xd).mean(), (xd * xd).mean(), float(mean), float(var), len(x), u=model.unit(x.dtype)
+    )
     err_mean = abs(Fraction(float(out["running_mean"][0])) - mean)
     correction = Fraction(len(x), len(x) - 1) if conv == "torch" else 1
     err_var = abs(Fraction(float(out["running_var"][0])) - var * correction) / correction
@@ -225,28 +268,37 @@ class TestModelTermsAreTight:
     """Each term of ``statistics_error`` is reached within 10x by a legitimate algorithm."""
 
     def test_mean_term(self):
-        ratios = [_term_ratios(name, HARD["half_ulp_rank_means_same_way"], STABLE)[0]
-                  for name in LEGIT]
+        ratios = [
+            _term_ratios(name, HARD["half_ulp_rank_means_same_way"], STABLE)[0] for name in LEGIT
+        ]
         assert 0.1 <= max(ratios) <= 1
 
     def test_stable_variance_with_its_merge_term(self):
-        ratios = [_term_ratios(name, HARD["half_ulp_rank_means"], STABLE)[1]
-                  for name in LEGIT if LEGIT[name][2].variance == "stable"]
+        ratios = [
+            _term_ratios(name, HARD["half_ulp_rank_means"], STABLE)[1]
+            for name in LEGIT
+            if LEGIT[name][2].variance == "stable"
+        ]
         assert 0.1 <= max(ratios) <= 1
 
     def test_two_pass_variance(self):
         # squares of 1 + 2049 * 2**-23 round by almost u: the worst case of sum (x - mean)^2
         a = 1 + 2049 * 2.0**-23
-        case = dataclasses.replace(HARD["half_ulp_rank_means"],
-                                   x=np.array([[-a], [a], [-a], [a]], F32))
-        ratios = [_term_ratios(name, case, ErrorModel(variance="two_pass"))[1]
-                  for name in ("two_pass_global", "two_pass_per_rank_count_merge")]
+        case = dataclasses.replace(
+            HARD["half_ulp_rank_means"], x=np.array([[-a], [a], [-a], [a]], F32)
+        )
+        ratios = [
+            _term_ratios(name, case, ErrorModel(variance="two_pass"))[1]
+            for name in ("two_pass_global", "two_pass_per_rank_count_merge")
+        ]
         assert 0.1 <= max(ratios) <= 1
 
     def test_naive_variance(self):
-        ratios = [_term_ratios(name, _case(3e3, 1.0, (16, 16), channels=1, seed=s), NAIVE)[1]
-                  for name in ("keras_sums_and_squares", "flax_pmean_of_moments")
-                  for s in range(5)]
+        ratios = [
+            _term_ratios(name, _case(3e3, 1.0, (16, 16), channels=1, seed=s), NAIVE)[1]
+            for name in ("keras_sums_and_squares", "flax_pmean_of_moments")
+            for s in range(5)
+        ]
         assert 0.1 <= max(ratios) <= 1
 
 
@@ -254,8 +306,9 @@ def _sums_case(dy):
     """1024 float32 values N(0, 1) on ranks of 500 and 524, with ``dy = dy(x)``."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1024, 1)).astype(F32)
-    return dataclasses.replace(_case(0.0, 1.0, (500, 524), channels=1), x=x,
-                               dy=dy(x.astype(np.float64)).astype(F32))
+    return dataclasses.replace(
+        _case(0.0, 1.0, (500, 524), channels=1), x=x, dy=dy(x.astype(np.float64)).astype(F32)
+    )
 
 
 def _centred(x):
@@ -267,8 +320,12 @@ def _near_one(x):
 
 
 # planted error location: (dy as a function of x, the output it shows in, k)
-_SUMS = {"A": (_near_one, "dx", 8), "B": (_centred, "dx", 25),
-         "dweight": (_centred, "dweight", 20), "dbias": (_near_one, "dbias", 5)}
+_SUMS = {
+    "A": (_near_one, "dx", 8),
+    "B": (_centred, "dx", 25),
+    "dweight": (_centred, "dweight", 20),
+    "dbias": (_near_one, "dbias", 5),
+}
 
 
 class TestGradientTermsAreTight:
@@ -283,8 +340,9 @@ class TestGradientTermsAreTight:
 
     def _ratio(self, where, error):
         dy, output, _ = _SUMS[where]
-        return _ratios(zoo_candidate(merge="global", planted={where: error}), _sums_case(dy),
-                       STABLE)[output]
+        return _ratios(
+            zoo_candidate(merge="global", planted={where: error}), _sums_case(dy), STABLE
+        )[output]
 
     @pytest.mark.parametrize("where", ["A", "B", "dweight", "dbias"])
     def test_an_error_of_a_few_gamma_u_fails(self, where):

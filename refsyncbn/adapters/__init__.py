@@ -125,8 +125,11 @@ def run(framework: str, cases: dict, *, timeout: float = 600.0) -> dict[str, Out
     need = missing(framework)
     if need is not None:
         raise RuntimeError(f"{framework} adapter: {need}")
-    outcomes = {name: Outcome(not_expressible=why) for name, case in cases.items()
-                if (why := adapter.unsupported(case))}
+    outcomes = {
+        name: Outcome(not_expressible=why)
+        for name, case in cases.items()
+        if (why := adapter.unsupported(case))
+    }
     todo = {name: case for name, case in cases.items() if name not in outcomes}
     if todo:
         with tempfile.TemporaryDirectory(prefix=f"refsyncbn-{framework}-") as tmp:
@@ -143,11 +146,21 @@ def run(framework: str, cases: dict, *, timeout: float = 600.0) -> dict[str, Out
 
 def _launch(commands, timeout) -> str:
     """Start the worker processes, wait for all; '' or what went wrong."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, "-m", *argv], env={**env, **extra},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for argv, extra in commands]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        PYTHONUNBUFFERED="1",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            env={**env, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for argv, extra in commands
+    ]
     deadline = time.monotonic() + timeout
     outputs, failure = [], ""
     for proc in procs:
@@ -157,11 +170,12 @@ def _launch(commands, timeout) -> str:
             failure = f"workers killed after the {timeout:g} s timeout"
             for p in procs:
                 p.kill()
-            outputs += [p.communicate()[0] for p in procs[len(outputs):]]
+            outputs += [p.communicate()[0] for p in procs[len(outputs) :]]
             break
     if not failure and any(p.returncode for p in procs):
         failure = "a worker exited with status " + ", ".join(
-            str(p.returncode) for p in procs if p.returncode)
+            str(p.returncode) for p in procs if p.returncode
+        )
     if failure:
         tail = "\n".join(o.strip().splitlines()[-1] for o in outputs if o and o.strip())
         failure += f" ({tail})" if tail else ""
@@ -172,13 +186,15 @@ def _collect(case_dir: Path, case: Case, failure: str) -> Outcome:
     """The per-rank result files of one case, or the error the workers left."""
     errors = sorted(case_dir.glob("rank*.error.txt"))
     if errors:
-        return Outcome(error="; ".join(f"{p.name.split('.')[0]}: {p.read_text().strip()}"
-                                       for p in errors))
+        return Outcome(
+            error="; ".join(f"{p.name.split('.')[0]}: {p.read_text().strip()}" for p in errors)
+        )
     outs = _read_ranks(case_dir, case.world_size)
     if outs is None:
         return Outcome(error=failure or "no outputs written")
-    variants = {d.name: _read_ranks(d, case.world_size) for d in sorted(case_dir.iterdir())
-                if d.is_dir()}
+    variants = {
+        d.name: _read_ranks(d, case.world_size) for d in sorted(case_dir.iterdir()) if d.is_dir()
+    }
     return Outcome(outputs=outs, variants={k: v for k, v in variants.items() if v is not None})
 
 

@@ -29,26 +29,43 @@ import numpy as np
 from ..layouts import get_layout
 from ._worker import momentum_for, run_all
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "label",
-           "main", "unsupported"]
+__all__ = [
+    "DEVIATIONS",
+    "LABEL",
+    "PRESET",
+    "VARIANCE",
+    "commands",
+    "known_deviation",
+    "label",
+    "main",
+    "unsupported",
+]
 
 PRESET = "flax"
 #: Flax's default ``use_fast_variance=True``: ``E[x^2] - E[x]^2`` (for the error model).
 VARIANCE = "naive"
-LABEL = ("flax.linen.BatchNorm(axis_name=...) over XLA host devices under jax.pmap "
-         "(rows '<case>') and jax.shard_map (rows '<case>@shard_map'); uneven batches padded "
-         "and masked")
-_EMPTY = ("an empty device's parameter gradients are NaN: Flax cannot hold an empty "
-          "batch, so the device carries padded rows (dy = 0, masked out) and 0 * NaN "
-          "statistics gives NaN, while the flax preset's empty device contributes exact "
-          "zeros (its NaN statistics in the whole group are modelled by the preset)")
-_SUMMED = ("under shard_map the parameter gradients are the group's sums, not the device's "
-           "own: the parameters enter the mapped function replicated, and JAX transposes that "
-           "broadcast into a psum (the flax preset's 'local' is pmap's behaviour)")
-_RAGGED = ("process groups of unequal sizes give wrong statistics outside the first group: "
-           "lax.pmean divides every group's psum by one group size (jax/_src/lax/parallel.py "
-           "assumes all groups are the same size; JAX rejects unequal groups only when "
-           "lowering for TPU, on CPU the result is silently wrong)")
+LABEL = (
+    "flax.linen.BatchNorm(axis_name=...) over XLA host devices under jax.pmap "
+    "(rows '<case>') and jax.shard_map (rows '<case>@shard_map'); uneven batches padded "
+    "and masked"
+)
+_EMPTY = (
+    "an empty device's parameter gradients are NaN: Flax cannot hold an empty "
+    "batch, so the device carries padded rows (dy = 0, masked out) and 0 * NaN "
+    "statistics gives NaN, while the flax preset's empty device contributes exact "
+    "zeros (its NaN statistics in the whole group are modelled by the preset)"
+)
+_SUMMED = (
+    "under shard_map the parameter gradients are the group's sums, not the device's "
+    "own: the parameters enter the mapped function replicated, and JAX transposes that "
+    "broadcast into a psum (the flax preset's 'local' is pmap's behaviour)"
+)
+_RAGGED = (
+    "process groups of unequal sizes give wrong statistics outside the first group: "
+    "lax.pmean divides every group's psum by one group size (jax/_src/lax/parallel.py "
+    "assumes all groups are the same size; JAX rejects unequal groups only when "
+    "lowering for TPU, on CPU the result is silently wrong)"
+)
 #: Documented ways in which Flax differs from the ``flax`` preset or the oracle, each with
 #: the outputs it can explain (``None``: every output).
 DEVIATIONS = {
@@ -84,8 +101,12 @@ def known_deviation(case, variant="") -> str:
 
 def commands(cases_dir, out_dir, worlds) -> list:
     """One worker, host devices for the largest world: ``(argv for python -m, extra env)``."""
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={max(worlds)}",
-           "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={max(worlds)}",
+        "JAX_ENABLE_X64": "1",
+        "JAX_PLATFORMS": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
     return [(["refsyncbn.adapters.flax", str(cases_dir), str(out_dir)], env)]
 
 
@@ -108,22 +129,30 @@ def _run_case(case) -> dict:
     w, n_max = case.world_size, max(max(case.splits), 1)
     x = _padded(case, "x", n_max, 0)
     dy = np.zeros_like(x) if case.dy is None else _padded(case, "dy", n_max, 0)
-    rows = np.arange(n_max)[None, :] < np.array(case.splits)[:, None]         # (W, n_max)
+    rows = np.arange(n_max)[None, :] < np.array(case.splits)[:, None]  # (W, n_max)
     mask = rows.reshape(w, n_max, *[1] * (x.ndim - 2)) & np.ones(x.shape, bool)
     if case.mask is not None:
         mask = mask & np.expand_dims(_padded(case, "mask", n_max, False), axis + 1)
     affine = case.weight is not None
-    model = nn.BatchNorm(use_running_average=not case.training, axis=axis,
-                         momentum=momentum_for(case, "retain"), epsilon=case.eps,
-                         use_bias=affine, use_scale=affine, axis_name="batch",
-                         axis_index_groups=case.groups, param_dtype=case.x.dtype)
+    model = nn.BatchNorm(
+        use_running_average=not case.training,
+        axis=axis,
+        momentum=momentum_for(case, "retain"),
+        epsilon=case.eps,
+        use_bias=affine,
+        use_scale=affine,
+        axis_name="batch",
+        axis_index_groups=case.groups,
+        param_dtype=case.x.dtype,
+    )
     params = {"scale": case.weight, "bias": case.bias} if affine else {}
     stats = {"mean": case.running_mean, "var": case.running_var}
 
     def step(x, dy, mask):
         def f(x, params):
-            y, upd = model.apply({"params": params, "batch_stats": stats}, x, mask=mask,
-                                 mutable=["batch_stats"])
+            y, upd = model.apply(
+                {"params": params, "batch_stats": stats}, x, mask=mask, mutable=["batch_stats"]
+            )
             return y, upd["batch_stats"]
 
         y, vjp, new = jax.vjp(f, x, params, has_aux=True)
@@ -135,8 +164,12 @@ def _run_case(case) -> dict:
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:w]), ("batch",))
     rows = jax.sharding.PartitionSpec("batch")
-    sharded = jax.shard_map(lambda x, dy, mask: per_device(step(x[0], dy[0], mask[0])),
-                            mesh=mesh, in_specs=rows, out_specs=rows)
+    sharded = jax.shard_map(
+        lambda x, dy, mask: per_device(step(x[0], dy[0], mask[0])),
+        mesh=mesh,
+        in_specs=rows,
+        out_specs=rows,
+    )
     outs = {"pmap": _per_rank(case, jax.pmap(step, axis_name="batch")(x, dy, mask))}
     if case.groups is None:  # shard_map has no axis_index_groups (NotImplementedError)
         outs["shard_map"] = _per_rank(case, sharded(x, dy, mask))
@@ -148,13 +181,17 @@ def _per_rank(case, results) -> list:
     y, dx, dparams, new = results
     outs = []
     for r, n in enumerate(case.splits):
-        out = {"y": np.asarray(y[r][:n]), "running_mean": np.asarray(new["mean"][r]),
-               "running_var": np.asarray(new["var"][r])}
+        out = {
+            "y": np.asarray(y[r][:n]),
+            "running_mean": np.asarray(new["mean"][r]),
+            "running_var": np.asarray(new["var"][r]),
+        }
         if case.dy is not None:
             out["dx"] = np.asarray(dx[r][:n])
             if case.weight is not None:
-                out.update(dweight=np.asarray(dparams["scale"][r]),
-                           dbias=np.asarray(dparams["bias"][r]))
+                out.update(
+                    dweight=np.asarray(dparams["scale"][r]), dbias=np.asarray(dparams["bias"][r])
+                )
         outs.append(out)
     return outs
 

@@ -25,18 +25,33 @@ import numpy as np
 from ..layouts import get_layout
 from ._worker import momentum_for, run_all
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "known_deviation", "label",
-           "main", "unsupported"]
+__all__ = [
+    "DEVIATIONS",
+    "LABEL",
+    "PRESET",
+    "VARIANCE",
+    "commands",
+    "known_deviation",
+    "label",
+    "main",
+    "unsupported",
+]
 
 PRESET = "keras"
 #: ``ops.moments(..., synchronized=True)`` computes ``E[x^2] - E[x]^2`` (for the error model).
 VARIANCE = "naive"
-LABEL = ("keras.layers.BatchNormalization(synchronized=True), TensorFlow backend, under "
-         "tf.distribute.MirroredStrategy over logical CPU devices")
-_MASK = ("a mask turns synchronization off: with mask= the layer computes masked moments of "
-         "the local batch only (and divides by count + 1e-7)")
-_MASK_ONE_CHANNEL = ("with mask= and a single channel the layer raises IndexError: its masked "
-                     "moments end in ops.squeeze without an axis, which drops the channel axis")
+LABEL = (
+    "keras.layers.BatchNormalization(synchronized=True), TensorFlow backend, under "
+    "tf.distribute.MirroredStrategy over logical CPU devices"
+)
+_MASK = (
+    "a mask turns synchronization off: with mask= the layer computes masked moments of "
+    "the local batch only (and divides by count + 1e-7)"
+)
+_MASK_ONE_CHANNEL = (
+    "with mask= and a single channel the layer raises IndexError: its masked "
+    "moments end in ops.squeeze without an axis, which drops the channel axis"
+)
 #: Documented ways in which Keras differs from the ``keras`` preset or the oracle, each with
 #: the outputs it can explain (``None``: every output).
 DEVIATIONS = {
@@ -57,8 +72,11 @@ def unsupported(case) -> str:
     """Why Keras cannot state ``case`` ('' when it can)."""
     if case.groups is not None:
         return "MirroredStrategy all-reduces over every replica: no process groups"
-    if case.mask is not None and not get_layout(case.data_format).channels_last \
-            and case.data_format != "NC":
+    if (
+        case.mask is not None
+        and not get_layout(case.data_format).channels_last
+        and case.data_format != "NC"
+    ):
         return "Keras expands mask= on the last axis: channel-last formats only"
     return ""
 
@@ -72,10 +90,15 @@ def known_deviation(case, variant="") -> str:
 
 def commands(cases_dir, out_dir, worlds) -> list:
     """One worker per world size ``W`` (the cases of ``W`` ranks, one MirroredStrategy)."""
-    env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return [(["refsyncbn.adapters.keras", str(cases_dir), str(out_dir), str(w)], env)
-            for w in worlds]
+    env = {
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    return [
+        (["refsyncbn.adapters.keras", str(cases_dir), str(out_dir), str(w)], env) for w in worlds
+    ]
 
 
 def _run_case(case, strategy) -> list:
@@ -89,8 +112,14 @@ def _run_case(case, strategy) -> list:
     dtype = case.x.dtype.name
     with strategy.scope():
         layer = keras.layers.BatchNormalization(
-            axis=axis, momentum=momentum_for(case, "retain"), epsilon=case.eps, center=affine,
-            scale=affine, synchronized=True, dtype=dtype)
+            axis=axis,
+            momentum=momentum_for(case, "retain"),
+            epsilon=case.eps,
+            center=affine,
+            scale=affine,
+            synchronized=True,
+            dtype=dtype,
+        )
         layer.build((None, *case.x.shape[1:]))
         if affine:
             layer.gamma.assign(case.weight)
@@ -102,7 +131,8 @@ def _run_case(case, strategy) -> list:
 
     def local(values):
         return strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(values[ctx.replica_id_in_sync_group]))
+            lambda ctx: tf.constant(values[ctx.replica_id_in_sync_group])
+        )
 
     xs, dys = local([s["x"] for s in shards]), local(dy_of)
     masks = local([s["mask"] for s in shards]) if case.mask is not None else None
@@ -113,8 +143,12 @@ def _run_case(case, strategy) -> list:
             tape.watch(x)
             y = layer(x, training=case.training, mask=mask)
         grads = tape.gradient(y, [x, *layer.trainable_variables], output_gradients=dy)
-        return (y, *grads, tf.identity(layer.moving_mean.value),
-                tf.identity(layer.moving_variance.value))
+        return (
+            y,
+            *grads,
+            tf.identity(layer.moving_mean.value),
+            tf.identity(layer.moving_variance.value),
+        )
 
     args = (xs, dys) if masks is None else (xs, dys, masks)
     res = [strategy.experimental_local_results(v) for v in strategy.run(step, args=args)]
@@ -142,10 +176,15 @@ def main(argv) -> int:
     cases_dir, out_dir, world = argv[0], argv[1], int(argv[2])
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * world)
+        cpu, [tf.config.LogicalDeviceConfiguration()] * world
+    )
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{r}" for r in range(world)])
-    return run_all(cases_dir, out_dir, lambda case: _run_case(case, strategy),
-                   lambda case: case.world_size == world)
+    return run_all(
+        cases_dir,
+        out_dir,
+        lambda case: _run_case(case, strategy),
+        lambda case: case.world_size == world,
+    )
 
 
 if __name__ == "__main__":

@@ -37,21 +37,38 @@ from datetime import timedelta
 from ..layouts import get_layout
 from ._worker import cases_in, momentum_for, save, save_error
 
-__all__ = ["DEVIATIONS", "LABEL", "PRESET", "VARIANCE", "commands", "cpu_sync_ops",
-           "known_deviation", "label", "main", "unsupported"]
+__all__ = [
+    "DEVIATIONS",
+    "LABEL",
+    "PRESET",
+    "VARIANCE",
+    "commands",
+    "cpu_sync_ops",
+    "known_deviation",
+    "label",
+    "main",
+    "unsupported",
+]
 
 PRESET = "torch"
 #: The variance algorithm of the kernels (for the checker's error model).
 VARIANCE = "stable"
-LABEL = ("torch.nn.SyncBatchNorm over gloo (2+ processes, loopback), "
-         "CPU stand-ins for torch's CUDA sync ops")
+LABEL = (
+    "torch.nn.SyncBatchNorm over gloo (2+ processes, loopback), "
+    "CPU stand-ins for torch's CUDA sync ops"
+)
 _CUDA_LABEL = "torch.nn.SyncBatchNorm over NCCL on CUDA devices, torch's own kernels"
 #: Documented ways in which torch differs from the ``torch`` preset or the oracle, each with
 #: the outputs it can explain (none found).
 DEVIATIONS: dict = {}
 _GROUP_TIMEOUT = timedelta(seconds=30)
-SYNC_OPS = ("batch_norm_stats", "batch_norm_gather_stats_with_counts", "batch_norm_elemt",
-            "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+SYNC_OPS = (
+    "batch_norm_stats",
+    "batch_norm_gather_stats_with_counts",
+    "batch_norm_elemt",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+)
 
 
 def label() -> str:
@@ -79,10 +96,17 @@ def commands(cases_dir, out_dir, worlds) -> list:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    return [(["refsyncbn.adapters.torch", str(cases_dir), str(out_dir)],
-             {**env, "RANK": str(r)}) for r in range(world)]
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(world),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+    }
+    return [
+        (["refsyncbn.adapters.torch", str(cases_dir), str(out_dir)], {**env, "RANK": str(r)})
+        for r in range(world)
+    ]
 
 
 def cpu_sync_ops() -> dict:
@@ -97,8 +121,9 @@ def cpu_sync_ops() -> dict:
 
     def rows(t, dtype):
         """``(N, C, ...)`` as ``(C, N * L)`` in ``dtype``."""
-        return t.reshape(t.shape[0], t.shape[1], -1).transpose(0, 1).reshape(t.shape[1], -1) \
-            .to(dtype)
+        return (
+            t.reshape(t.shape[0], t.shape[1], -1).transpose(0, 1).reshape(t.shape[1], -1).to(dtype)
+        )
 
     def per_channel(v, like):
         return v.reshape(1, -1, *([1] * (like.dim() - 2)))
@@ -108,12 +133,14 @@ def cpu_sync_ops() -> dict:
         mean = v.mean(1)
         var = ((v - mean[:, None]) ** 2).mean(1)
         # the kernel's InvStd: 0 where both the variance and eps are 0
-        invstd = torch.where((var == 0) & (eps == 0), torch.zeros_like(var),
-                             1 / torch.sqrt(var + eps))
+        invstd = torch.where(
+            (var == 0) & (eps == 0), torch.zeros_like(var), 1 / torch.sqrt(var + eps)
+        )
         return mean, invstd
 
-    def batch_norm_gather_stats_with_counts(input, mean_all, invstd_all, running_mean,
-                                            running_var, momentum, eps, counts):
+    def batch_norm_gather_stats_with_counts(
+        input, mean_all, invstd_all, running_mean, running_var, momentum, eps, counts
+    ):
         a = mean_all.dtype
         avg = torch.zeros(mean_all.shape[1], dtype=a)
         var_n = torch.zeros_like(avg)
@@ -141,31 +168,43 @@ def cpu_sync_ops() -> dict:
             y = y + per_channel(bias.to(a), input)
         return torch.empty_like(input).copy_(y)
 
-    def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight, input_g,
-                                   weight_g, bias_g):
+    def batch_norm_backward_reduce(
+        grad_output, input, mean, invstd, weight, input_g, weight_g, bias_g
+    ):
         a = mean.dtype
         dy = rows(grad_output, a)
         sum_dy = dy.sum(1)
         sum_dy_xmu = (dy * (rows(input, a) - mean[:, None])).sum(1)
         pdtype = input.dtype if weight is None else weight.dtype
         empty = torch.empty(0, dtype=a)
-        return (sum_dy if input_g else empty, sum_dy_xmu if input_g else empty,
-                (sum_dy_xmu * invstd).to(pdtype) if weight_g else empty.to(pdtype),
-                sum_dy.to(pdtype) if bias_g else empty.to(pdtype))
+        return (
+            sum_dy if input_g else empty,
+            sum_dy_xmu if input_g else empty,
+            (sum_dy_xmu * invstd).to(pdtype) if weight_g else empty.to(pdtype),
+            sum_dy.to(pdtype) if bias_g else empty.to(pdtype),
+        )
 
-    def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy,
-                                  sum_dy_xmu, count):
+    def batch_norm_backward_elemt(
+        grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count
+    ):
         a = mean.dtype
         norm = 1 / torch.tensor(float(count.sum()), dtype=a)
         f1 = invstd * invstd * sum_dy_xmu * norm
         f2 = invstd if weight is None else weight.to(a) * invstd
-        gi = ((grad_output.to(a) - per_channel(sum_dy * norm, input)
-               - (input.to(a) - per_channel(mean, input)) * per_channel(f1, input))
-              * per_channel(f2, input))
+        gi = (
+            grad_output.to(a)
+            - per_channel(sum_dy * norm, input)
+            - (input.to(a) - per_channel(mean, input)) * per_channel(f1, input)
+        ) * per_channel(f2, input)
         return torch.empty_like(input).copy_(gi)
 
-    ops = (batch_norm_stats, batch_norm_gather_stats_with_counts, batch_norm_elemt,
-           batch_norm_backward_reduce, batch_norm_backward_elemt)
+    ops = (
+        batch_norm_stats,
+        batch_norm_gather_stats_with_counts,
+        batch_norm_elemt,
+        batch_norm_backward_reduce,
+        batch_norm_backward_elemt,
+    )
     return {f.__name__: f for f in ops}
 
 
@@ -198,9 +237,15 @@ def _run_case(case, rank, group, device):
     last = get_layout(case.data_format).channels_last
     x = torch.from_numpy(np.array(shard["x"])).to(device).requires_grad_(case.dy is not None)
     dtype, c = x.dtype, case.running_mean.shape[0]
-    bn = torch.nn.SyncBatchNorm(c, eps=case.eps, momentum=momentum_for(case, "update"),
-                                affine=case.weight is not None, process_group=group,
-                                device=device, dtype=dtype)
+    bn = torch.nn.SyncBatchNorm(
+        c,
+        eps=case.eps,
+        momentum=momentum_for(case, "update"),
+        affine=case.weight is not None,
+        process_group=group,
+        device=device,
+        dtype=dtype,
+    )
     with torch.no_grad():
         bn.running_mean.copy_(torch.from_numpy(case.running_mean))
         bn.running_var.copy_(torch.from_numpy(case.running_var))
@@ -213,9 +258,13 @@ def _run_case(case, rank, group, device):
         y = y.movedim(1, -1) if last else y
         if case.dy is not None:
             y.backward(torch.from_numpy(np.array(shard["dy"])).to(device))
-    out = {"y": y.detach().cpu().numpy(), "running_mean": bn.running_mean.cpu().numpy(),
-           "running_var": bn.running_var.cpu().numpy()}
+    out = {
+        "y": y.detach().cpu().numpy(),
+        "running_mean": bn.running_mean.cpu().numpy(),
+        "running_var": bn.running_var.cpu().numpy(),
+    }
     if case.dy is not None:
+
         def grad(t):  # torch leaves None where the gradient is zero (an empty rank)
             return (torch.zeros_like(t) if t.grad is None else t.grad).detach().cpu().numpy()
 
@@ -237,8 +286,9 @@ def main(argv) -> int:
     if torch.cuda.is_available():  # torch's own kernels, as in training
         device = f"cuda:{rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device != "cpu" else "gloo", rank=rank, world_size=world,
-                            timeout=_GROUP_TIMEOUT)
+    dist.init_process_group(
+        "nccl" if device != "cpu" else "gloo", rank=rank, world_size=world, timeout=_GROUP_TIMEOUT
+    )
     try:
         for name, case in cases_in(cases_dir):
             groups = case.groups or [list(range(case.world_size))]

@@ -22,11 +22,16 @@ _COMMANDS = {
     "check": ("refsyncbn.testing.checker", "check another implementation's outputs"),
     "vectors": ("refsyncbn.testing.vectors", "write the golden-vector set"),
     "bench": ("refsyncbn.cli.bench", "time forward/backward against baselines"),
-    "conform": ("refsyncbn.cli.conform", "run a real framework's SyncBatchNorm through the checker"),
+    "conform": (
+        "refsyncbn.cli.conform",
+        "run a real framework's SyncBatchNorm through the checker",
+    ),
 }
-_DESCRIPTION = ("refsyncbn: the reference Synchronized Batch Normalization. Run a command "
-                "with --help for its options; under MPI launch it as "
-                "`mpiexec -n K python -m mpi4py -m refsyncbn COMMAND ...`.")
+_DESCRIPTION = (
+    "refsyncbn: the reference Synchronized Batch Normalization. Run a command "
+    "with --help for its options; under MPI launch it as "
+    "`mpiexec -n K python -m mpi4py -m refsyncbn COMMAND ...`."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,11 +44,15 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
     """Parse ``argv``, run the subcommand; its exit status (1 on an error, 2 on bad usage)."""
     debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true",
-                       help="on an error, show the full traceback instead of one line")
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the full traceback instead of one line",
+    )
     parser = _Parser(prog="refsyncbn", description=_DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     for name, (module, help_text) in _COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         cmd.set_defaults(_module=module)

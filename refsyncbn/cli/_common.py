@@ -24,6 +24,7 @@ def int_at_least(low: int):
     ...
     argparse.ArgumentTypeError: expected an int >= 1, got '0'
     """
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -58,8 +59,16 @@ class Progress:
     ['demo: 1/3 cases', 'demo: 2/3 cases', 'demo: 3/3 cases']
     """
 
-    def __init__(self, total: int, desc: str, unit: str, *, enabled: bool = True,
-                 stream=None, use_tqdm: bool = True):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str,
+        *,
+        enabled: bool = True,
+        stream=None,
+        use_tqdm: bool = True,
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = sys.stderr if stream is None else stream
         self.done, self.start, self._next = 0, time.perf_counter(), 0
@@ -83,8 +92,12 @@ class Progress:
         elif self.done >= self._next or self.done == self.total:
             # A line per tenth of the work (every step when there are at most 10).
             self._next = self.done + max(1, self.total // 10)
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s "
-                  f"({time.perf_counter() - self.start:.1f} s)", file=self.stream, flush=True)
+            print(
+                f"{self.desc}: {self.done}/{self.total} {self.unit}s "
+                f"({time.perf_counter() - self.start:.1f} s)",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -123,5 +136,7 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, USER_ERRORS):
         return text
-    return (f"{type(exc).__name__}: {text} (an internal error: please report it; --debug "
-            f"shows the traceback)")
+    return (
+        f"{type(exc).__name__}: {text} (an internal error: please report it; --debug "
+        f"shows the traceback)"
+    )

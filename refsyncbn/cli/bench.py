@@ -53,11 +53,29 @@ from ._common import Progress
 __all__ = ["add_arguments", "main", "missing_columns", "parse_case"]
 
 DEFAULT_CASES = ("NCHW:32x64x56x56", "NCHW:256x256x14x14", "NC:64x1024")
-RESULT_KEYS = ("data_format", "shape", "dtype", "world_size", "local_shape", "backend",
-               "calls_per_repetition", "forward_ms",
-               "backward_ms", "step_ms", "collective_ms", "collectives", "bytes_per_pass",
-               "peak_bytes", "copy_ms", "bound_ms", "ratio_to_bound", "torch_ms",
-               "ratio_to_torch", "single_ms", "scaling")
+RESULT_KEYS = (
+    "data_format",
+    "shape",
+    "dtype",
+    "world_size",
+    "local_shape",
+    "backend",
+    "calls_per_repetition",
+    "forward_ms",
+    "backward_ms",
+    "step_ms",
+    "collective_ms",
+    "collectives",
+    "bytes_per_pass",
+    "peak_bytes",
+    "copy_ms",
+    "bound_ms",
+    "ratio_to_bound",
+    "torch_ms",
+    "ratio_to_torch",
+    "single_ms",
+    "scaling",
+)
 
 
 def parse_case(text: str) -> tuple[str, tuple[int, ...]]:
@@ -74,35 +92,51 @@ def parse_case(text: str) -> tuple[str, tuple[int, ...]]:
     except ValueError:
         shape = ()
     if fmt not in DATA_FORMATS or len(shape) != get_layout(fmt).ndim or min(shape) < 1:
-        msg = (f"--case is {text!r}; expected FORMAT:DIMS with FORMAT one of "
-               f"{', '.join(DATA_FORMATS)} and as many positive DIMS as FORMAT has axes, "
-               f"e.g. NCHW:32x64x56x56")
+        msg = (
+            f"--case is {text!r}; expected FORMAT:DIMS with FORMAT one of "
+            f"{', '.join(DATA_FORMATS)} and as many positive DIMS as FORMAT has axes, "
+            f"e.g. NCHW:32x64x56x56"
+        )
         raise argparse.ArgumentTypeError(msg)
     return fmt, shape
 
 
 def add_arguments(parser) -> None:
     """Options of the ``bench`` subcommand."""
-    parser.add_argument("--case", dest="cases", action="append", type=parse_case,
-                        metavar="FORMAT:DIMS",
-                        help=f"global shape in the format's own layout (repeatable; default "
-                             f"{' '.join(DEFAULT_CASES)})")
-    parser.add_argument("--dtype", dest="dtypes", action="append",
-                        choices=("float32", "float64"), help="repeatable; default float32")
+    parser.add_argument(
+        "--case",
+        dest="cases",
+        action="append",
+        type=parse_case,
+        metavar="FORMAT:DIMS",
+        help=f"global shape in the format's own layout (repeatable; default "
+        f"{' '.join(DEFAULT_CASES)})",
+    )
+    parser.add_argument(
+        "--dtype",
+        dest="dtypes",
+        action="append",
+        choices=("float32", "float64"),
+        help="repeatable; default float32",
+    )
     parser.add_argument("--repeat", type=int, default=11, help="timed steps (median; default 11)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="BLAS and torch threads (default 1)")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help=f"kernel backend (default: ${ENV_VAR}, else automatic)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, help=f"kernel backend (default: ${ENV_VAR}, else automatic)"
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
-    parser.add_argument("--no-single", action="store_true",
-                        help="skip the single-process full-batch run")
+    parser.add_argument(
+        "--no-single", action="store_true", help="skip the single-process full-batch run"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress (a tqdm bar, else a line per tenth of the cases)")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress (a tqdm bar, else a line per tenth of the cases)",
+    )
 
 
 def _local_count(n: int, size: int, rank: int) -> int:
@@ -251,14 +285,29 @@ def run_case(fmt, shape, dtype, comm, args) -> dict:
     fwd, bwd, coll, _, copy = (float(np.median(times[:, k])) * 1e3 for k in range(5))
     steps = times[:, 0] + times[:, 1]
     step = float(np.median(steps)) * 1e3
-    result = {"data_format": fmt, "shape": list(shape), "dtype": dtype,
-              "world_size": comm.size, "local_shape": list(local_shape), "backend": backend,
-              "calls_per_repetition": calls, "forward_ms": fwd, "backward_ms": bwd,
-              "step_ms": step, "collective_ms": coll, "collectives": per_pass,
-              "bytes_per_pass": nbytes, "peak_bytes": _peak_bytes(x, dy, w, b, fmt, args.backend),
-              "copy_ms": copy, "bound_ms": 3 * copy,
-              "ratio_to_bound": float(np.median(steps / (3 * times[:, 4]))),
-              "torch_ms": None, "ratio_to_torch": None, "single_ms": None, "scaling": None}
+    result = {
+        "data_format": fmt,
+        "shape": list(shape),
+        "dtype": dtype,
+        "world_size": comm.size,
+        "local_shape": list(local_shape),
+        "backend": backend,
+        "calls_per_repetition": calls,
+        "forward_ms": fwd,
+        "backward_ms": bwd,
+        "step_ms": step,
+        "collective_ms": coll,
+        "collectives": per_pass,
+        "bytes_per_pass": nbytes,
+        "peak_bytes": _peak_bytes(x, dy, w, b, fmt, args.backend),
+        "copy_ms": copy,
+        "bound_ms": 3 * copy,
+        "ratio_to_bound": float(np.median(steps / (3 * times[:, 4]))),
+        "torch_ms": None,
+        "ratio_to_torch": None,
+        "single_ms": None,
+        "scaling": None,
+    }
     if times[:, 3].all():
         result["torch_ms"] = float(np.median(times[:, 3])) * 1e3
         result["ratio_to_torch"] = float(np.median(steps / times[:, 3]))
@@ -268,7 +317,8 @@ def run_case(fmt, shape, dtype, comm, args) -> dict:
         if comm.rank == 0:
             xs, dys, ws, bs = _inputs(fmt, shape, dtype, seed=0)
             result["single_ms"] = _median_ms(
-                lambda: _step(xs, dys, ws, bs, fmt, None, args.backend), args.repeat, args.warmup)
+                lambda: _step(xs, dys, ws, bs, fmt, None, args.backend), args.repeat, args.warmup
+            )
             result["scaling"] = step / result["single_ms"]
         _barrier(comm)
     return result
@@ -276,9 +326,11 @@ def run_case(fmt, shape, dtype, comm, args) -> dict:
 
 def markdown_table(results) -> str:
     """The results as a markdown table."""
-    head = ("| format | shape | dtype | ranks | step ms | fwd ms | bwd ms | torch ms | ratio "
-            "| bound ms | ratio to bound | 1-process ms | scaling | data/agree per pass "
-            "| bytes/pass | peak MiB | backend |")
+    head = (
+        "| format | shape | dtype | ranks | step ms | fwd ms | bwd ms | torch ms | ratio "
+        "| bound ms | ratio to bound | 1-process ms | scaling | data/agree per pass "
+        "| bytes/pass | peak MiB | backend |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(v, spec=".2f"):
@@ -293,7 +345,8 @@ def markdown_table(results) -> str:
             f"| {f(r['bound_ms'])} | {f(r['ratio_to_bound'])} | {f(r['single_ms'])} "
             f"| {f(r['scaling'])} | {fw['data']}/{fw['agree']} "
             f"| {r['bytes_per_pass']['forward']['data']} | {r['peak_bytes'] / 2**20:.1f} "
-            f"| {r['backend']} |")
+            f"| {r['backend']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -307,10 +360,16 @@ def plot(results, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['data_format']} {'x'.join(map(str, r['shape']))}\n{r['dtype']}, "
-              f"{r['world_size']} rank(s)" for r in results]
-    series = [("refsyncbn step", "step_ms"), ("torch 1 thread", "torch_ms"),
-              ("memory-traffic bound", "bound_ms")]
+    labels = [
+        f"{r['data_format']} {'x'.join(map(str, r['shape']))}\n{r['dtype']}, "
+        f"{r['world_size']} rank(s)"
+        for r in results
+    ]
+    series = [
+        ("refsyncbn step", "step_ms"),
+        ("torch 1 thread", "torch_ms"),
+        ("memory-traffic bound", "bound_ms"),
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(results)), 4))
     width = 0.8 / len(series)
     for k, (name, key) in enumerate(series):
@@ -335,18 +394,31 @@ def main(args) -> int:
             raise ValueError(msg)
     limit, limited = _blas_limit(args.threads)
     results = []
-    with limit, Progress(len(cases) * len(dtypes), "bench", "case",
-                         enabled=comm.rank == 0 and not args.no_progress) as bar:
+    with (
+        limit,
+        Progress(
+            len(cases) * len(dtypes),
+            "bench",
+            "case",
+            enabled=comm.rank == 0 and not args.no_progress,
+        ) as bar,
+    ):
         for fmt, shape in cases:
             for dtype in dtypes:
                 results.append(run_case(fmt, shape, dtype, comm, args))
                 bar.update()
     if comm.rank != 0:
         return 0
-    meta = {"command": " ".join(sys.argv), "world_size": comm.size,
-            "numpy": np.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": args.threads,
-            "blas_threads_limited": limited, "torch": _torch_version(args)}
+    meta = {
+        "command": " ".join(sys.argv),
+        "world_size": comm.size,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": args.threads,
+        "blas_threads_limited": limited,
+        "torch": _torch_version(args),
+    }
     table = markdown_table(results)
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

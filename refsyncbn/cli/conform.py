@@ -38,16 +38,33 @@ __all__ = ["add_arguments", "conform", "conform_cases", "main"]
 
 def add_arguments(parser) -> None:
     """Arguments of the ``conform`` subcommand."""
-    parser.add_argument("framework", choices=tuple(FRAMEWORKS),
-                        help="whose SyncBatchNorm to run (it must be installed)")
-    parser.add_argument("--out", type=Path, metavar="PATH",
-                        help="write the markdown report to PATH and the JSON to PATH.json "
-                             "(default: print the markdown)")
-    parser.add_argument("--cases", type=int, default=12, metavar="N",
-                        help="random cases besides the probes (default 12)")
+    parser.add_argument(
+        "framework",
+        choices=tuple(FRAMEWORKS),
+        help="whose SyncBatchNorm to run (it must be installed)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help="write the markdown report to PATH and the JSON to PATH.json "
+        "(default: print the markdown)",
+    )
+    parser.add_argument(
+        "--cases",
+        type=int,
+        default=12,
+        metavar="N",
+        help="random cases besides the probes (default 12)",
+    )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the cases")
-    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="limit for the framework's run (default 600)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="limit for the framework's run (default 600)",
+    )
 
 
 def main(args) -> int:
@@ -116,16 +133,23 @@ def conform_cases(preset: str, n_cases: int, seed: int) -> dict[str, Case]:
         if training and i % 6 == 5:
             mask = rng.random(layout.mask_shape(shape)) < 0.7
             for start in np.cumsum([0, *splits[:-1]]):
-                mask[start:start + 2] = True  # >= 2 valid positions on every rank
+                mask[start : start + 2] = True  # >= 2 valid positions on every rank
         cases[f"random_{i:02d}"] = Case(
             x=(rng.standard_normal(shape) * scale + loc).astype(dtype),
             dy=rng.standard_normal(shape).astype(dtype),
             weight=rng.uniform(0.5, 2, c).astype(dtype) if affine else None,
             bias=rng.standard_normal(c).astype(dtype) if affine else None,
             running_mean=rng.standard_normal(c).astype(dtype),
-            running_var=rng.uniform(0.5, 2, c).astype(dtype), splits=tuple(splits),
-            data_format=layout.data_format, convention=preset, eps=conv.eps,
-            momentum=conv.momentum, training=training, mask=mask, groups=groups)
+            running_var=rng.uniform(0.5, 2, c).astype(dtype),
+            splits=tuple(splits),
+            data_format=layout.data_format,
+            convention=preset,
+            eps=conv.eps,
+            momentum=conv.momentum,
+            training=training,
+            mask=mask,
+            groups=groups,
+        )
     return cases
 
 
@@ -150,51 +174,86 @@ def conform(framework: str, *, n_cases: int = 12, seed: int = 0, timeout: float 
     rows = [_row(name, case, outcomes[name], report, adapter) for name, case in cases.items()]
     failed = [r for r in rows if r["verdict"] in ("FAIL", "error")]
     unexplained = [r["case"] for r in failed if not r["known_deviation"]]
-    counts = {v: sum(r["verdict"] == v for r in rows)
-              for v in ("pass", "FAIL", "error", "not expressible")}
-    summary = (f"{counts['pass']} pass, {counts['FAIL']} fail, {counts['error']} error, "
-               f"{counts['not expressible']} not expressible of {len(rows)} cases; "
-               f"{len(failed) - len(unexplained)} failure(s) explained by known deviations, "
-               f"{len(unexplained)} unexplained")
+    counts = {
+        v: sum(r["verdict"] == v for r in rows)
+        for v in ("pass", "FAIL", "error", "not expressible")
+    }
+    summary = (
+        f"{counts['pass']} pass, {counts['FAIL']} fail, {counts['error']} error, "
+        f"{counts['not expressible']} not expressible of {len(rows)} cases; "
+        f"{len(failed) - len(unexplained)} failure(s) explained by known deviations, "
+        f"{len(unexplained)} unexplained"
+    )
     return {
-        "framework": framework, "label": adapter.label(), "preset": adapter.PRESET,
+        "framework": framework,
+        "label": adapter.label(),
+        "preset": adapter.PRESET,
         "versions": {p: _version(p) for p in ("numpy", *FRAMEWORKS[framework][1])},
         "command": f"python -m refsyncbn conform {framework} --cases {n_cases} --seed {seed}",
-        "error_model": repr(model), "wall_s": round(wall, 1), "cases": rows,
-        "fingerprint": {t.name: {"value": t.value, "evidence": t.evidence}
-                        for t in report.fingerprint.values()},
+        "error_model": repr(model),
+        "wall_s": round(wall, 1),
+        "cases": rows,
+        "fingerprint": {
+            t.name: {"value": t.value, "evidence": t.evidence} for t in report.fingerprint.values()
+        },
         "consistent_presets": list(report.presets),
-        "deviations": list(adapter.DEVIATIONS), "summary": summary,
+        "deviations": list(adapter.DEVIATIONS),
+        "summary": summary,
         "unexplained_failures": unexplained,
     }
 
 
 def _row(name, case, outcome, report, adapter) -> dict:
     """One case's line of the report."""
-    row = {"case": name, "world": case.world_size, "splits": list(case.splits),
-           "groups": case.groups, "data_format": case.data_format, "dtype": case.x.dtype.name,
-           "training": case.training, "verdict": "", "worst": None, "note": "",
-           "known_deviation": adapter.known_deviation(case, name.partition("@")[2])}
+    row = {
+        "case": name,
+        "world": case.world_size,
+        "splits": list(case.splits),
+        "groups": case.groups,
+        "data_format": case.data_format,
+        "dtype": case.x.dtype.name,
+        "training": case.training,
+        "verdict": "",
+        "worst": None,
+        "note": "",
+        "known_deviation": adapter.known_deviation(case, name.partition("@")[2]),
+    }
     scope = adapter.DEVIATIONS.get(row["known_deviation"])  # the outputs it explains
     if outcome.not_expressible:
-        return {**row, "verdict": "not expressible", "note": outcome.not_expressible,
-                "known_deviation": ""}
+        return {
+            **row,
+            "verdict": "not expressible",
+            "note": outcome.not_expressible,
+            "known_deviation": "",
+        }
     if outcome.error or name in report.errors:
-        return {**row, "verdict": "error", "note": outcome.error or report.errors[name],
-                "known_deviation": row["known_deviation"] if scope is None else ""}
+        return {
+            **row,
+            "verdict": "error",
+            "note": outcome.error or report.errors[name],
+            "known_deviation": row["known_deviation"] if scope is None else "",
+        }
     qs = report.checks[name]
     worst = report.worst(name)
-    row["worst"] = {"quantity": worst.quantity, "rank": worst.rank,
-                    "ratio": _num(worst.ratio), "error": _num(worst.error),
-                    "bound": _num(worst.bound)}
+    row["worst"] = {
+        "quantity": worst.quantity,
+        "rank": worst.rank,
+        "ratio": _num(worst.ratio),
+        "error": _num(worst.error),
+        "bound": _num(worst.bound),
+    }
     bad = [q for q in qs if not q.passed]
     if not bad:
         return {**row, "verdict": "pass", "known_deviation": ""}
-    row.update(verdict="FAIL", note=f"{len(bad)} of {len(qs)} outputs outside the bound, e.g. "
-                                    f"{worst.describe()}")
+    row.update(
+        verdict="FAIL",
+        note=f"{len(bad)} of {len(qs)} outputs outside the bound, e.g. {worst.describe()}",
+    )
     if scope is not None and any(q.quantity not in scope for q in bad):
-        row["note"] += (f"; beyond what the known deviation explains "
-                        f"({', '.join(scope)} only): {row['known_deviation']}")
+        row["note"] += (
+            f"; beyond what the known deviation explains "
+            f"({', '.join(scope)} only): {row['known_deviation']}"
+        )
         row["known_deviation"] = ""
     return row
 
@@ -217,38 +276,56 @@ def _version(package: str) -> str:
 def markdown(report: dict) -> str:
     """The report as markdown."""
     fw = report["framework"]
-    lines = [f"# Conformance: {fw}", "",
-             f"{report['label']}, checked against the float64 oracle of the "
-             f"`{report['preset']}` preset.", "",
-             f"- command: `{report['command']}` ({report['wall_s']} s for the framework's run)",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             f"- error model: `{report['error_model']}` (accumulation: the data's dtype, "
-             "at least float32)",
-             f"- summary: {report['summary']}", "",
-             "## Cases", "",
-             "| case | ranks | splits | groups | format | dtype | mode | verdict "
-             "| worst error / bound | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Conformance: {fw}",
+        "",
+        f"{report['label']}, checked against the float64 oracle of the "
+        f"`{report['preset']}` preset.",
+        "",
+        f"- command: `{report['command']}` ({report['wall_s']} s for the framework's run)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        f"- error model: `{report['error_model']}` (accumulation: the data's dtype, "
+        "at least float32)",
+        f"- summary: {report['summary']}",
+        "",
+        "## Cases",
+        "",
+        "| case | ranks | splits | groups | format | dtype | mode | verdict "
+        "| worst error / bound | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["cases"]:
         w = r["worst"]
-        worst = "" if w is None else (f"{w['quantity']} (rank {w['rank']}): "
-                                      f"{_fmt(w['ratio'])} ({_fmt(w['error'])} / "
-                                      f"{_fmt(w['bound'])})")
+        worst = (
+            ""
+            if w is None
+            else (
+                f"{w['quantity']} (rank {w['rank']}): "
+                f"{_fmt(w['ratio'])} ({_fmt(w['error'])} / "
+                f"{_fmt(w['bound'])})"
+            )
+        )
         note = r["note"]
         if r["verdict"] in ("FAIL", "error") and r["known_deviation"]:
             note = f"known deviation: {r['known_deviation']}. {note}"
         groups = "" if r["groups"] is None else str(r["groups"])
         mode = "train" if r["training"] else "eval"
-        lines.append(f"| {r['case']} | {r['world']} | {r['splits']} | {groups} | "
-                     f"{r['data_format']} | {r['dtype']} | {mode} | {r['verdict']} | {worst} | "
-                     f"{_cell(note)} |")
+        lines.append(
+            f"| {r['case']} | {r['world']} | {r['splits']} | {groups} | "
+            f"{r['data_format']} | {r['dtype']} | {mode} | {r['verdict']} | {worst} | "
+            f"{_cell(note)} |"
+        )
     lines += ["", "## Fingerprint (probe cases)", ""]
     if report["fingerprint"]:
         lines += ["| trait | value | evidence |", "|---|---|---|"]
-        lines += [f"| {k} | {t['value']} | {_cell(t['evidence'])} |"
-                  for k, t in report["fingerprint"].items()]
-        lines += ["", "Consistent with presets: "
-                  + (", ".join(report["consistent_presets"]) or "none")]
+        lines += [
+            f"| {k} | {t['value']} | {_cell(t['evidence'])} |"
+            for k, t in report["fingerprint"].items()
+        ]
+        lines += [
+            "",
+            "Consistent with presets: " + (", ".join(report["consistent_presets"]) or "none"),
+        ]
     else:
         lines.append("No probe case ran.")
     lines += ["", "## Known deviations", ""]

@@ -29,13 +29,19 @@ __all__ = ["add_arguments", "main"]
 def add_arguments(parser) -> None:
     """Arguments of the ``run`` subcommand."""
     parser.add_argument("case", type=Path, help="case file (npz, schema 'refsyncbn case v1')")
-    parser.add_argument("out_dir", type=Path,
-                        help="directory for rank{r}.npz (created if missing)")
-    parser.add_argument("--world", type=positive_int, metavar="W",
-                        help="run W ranks as threads of this process instead of under mpiexec")
-    parser.add_argument("--variance", choices=VARIANCE_ALGORITHMS,
-                        help="variance algorithm, overriding the case file's 'variance' "
-                             "(default there: stable; naive emulates E[x^2] - E[x]^2)")
+    parser.add_argument("out_dir", type=Path, help="directory for rank{r}.npz (created if missing)")
+    parser.add_argument(
+        "--world",
+        type=positive_int,
+        metavar="W",
+        help="run W ranks as threads of this process instead of under mpiexec",
+    )
+    parser.add_argument(
+        "--variance",
+        choices=VARIANCE_ALGORITHMS,
+        help="variance algorithm, overriding the case file's 'variance' "
+        "(default there: stable; naive emulates E[x^2] - E[x]^2)",
+    )
 
 
 def main(args) -> int:
@@ -45,7 +51,8 @@ def main(args) -> int:
             return _main_simulated(args)
         except (*USER_ERRORS, RankError) as exc:
             rejected = not isinstance(exc, RankError) or all(
-                isinstance(e, (*USER_ERRORS, PeerAborted)) for e in exc.errors.values())
+                isinstance(e, (*USER_ERRORS, PeerAborted)) for e in exc.errors.values()
+            )
             if getattr(args, "debug", False) or not rejected:
                 raise
             print(f"refsyncbn run: error: {one_line(exc)}", file=sys.stderr)
@@ -58,8 +65,10 @@ def main(args) -> int:
     except USER_ERRORS as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"refsyncbn run: rank {comm.rank} of {comm.size}: error: {one_line(exc)}",
-              file=sys.stderr)
+        print(
+            f"refsyncbn run: rank {comm.rank} of {comm.size}: error: {one_line(exc)}",
+            file=sys.stderr,
+        )
         return 1
     if comm.rank == 0:
         print(_wrote(args.out_dir, comm.size, out))
@@ -69,8 +78,10 @@ def main(args) -> int:
 def _main_simulated(args) -> int:
     """``--world W``: W threads of this process, one SimulatedWorld."""
     if launched_by_mpiexec():
-        msg = ("--world runs ranks as threads of one process; under mpiexec leave it out "
-               "(the MPI ranks are the world)")
+        msg = (
+            "--world runs ranks as threads of one process; under mpiexec leave it out "
+            "(the MPI ranks are the world)"
+        )
         raise ValueError(msg)
     case = _read(args)
     outs = SimulatedWorld(args.world).run(lambda comm: run_rank(case, comm, variance=args.variance))
@@ -84,8 +95,10 @@ def _read(args):
     """The case, read and validated; ``OUT_DIR`` checked: both before any computation."""
     case = read_case(args.case)
     if args.out_dir.exists() and not args.out_dir.is_dir():
-        msg = (f"OUT_DIR {args.out_dir} exists and is not a directory; expected a directory "
-               f"(created if missing) for rank{{r}}.npz")
+        msg = (
+            f"OUT_DIR {args.out_dir} exists and is not a directory; expected a directory "
+            f"(created if missing) for rank{{r}}.npz"
+        )
         raise ValueError(msg)
     return case
 

@@ -64,9 +64,17 @@ def build_cases(world_size: int, n_cases: int, seed: int) -> list[Case]:
     True
     """
     names = list(CONVENTIONS)
-    return [_random_case(np.random.default_rng([seed, i]), world_size, DATA_FORMATS[i % 7],
-                         names[(i + i // 7) % 7], _DTYPES[i % 2], large_offset=i % 6 >= 4)
-            for i in range(n_cases)]
+    return [
+        _random_case(
+            np.random.default_rng([seed, i]),
+            world_size,
+            DATA_FORMATS[i % 7],
+            names[(i + i // 7) % 7],
+            _DTYPES[i % 2],
+            large_offset=i % 6 >= 4,
+        )
+        for i in range(n_cases)
+    ]
 
 
 def _random_groups(rng, w):
@@ -101,26 +109,35 @@ def _random_case(rng, w, data_format, convention, dtype, *, large_offset=False) 
         offset = rng.choice([-1.0, 1.0], size=c) * scale * 10.0 ** rng.uniform(3, top, size=c)
     bshape = [1] * layout.ndim
     bshape[layout.channel_axis] = c
-    x = (rng.standard_normal(shape) * scale.reshape(bshape) + offset.reshape(bshape))
+    x = rng.standard_normal(shape) * scale.reshape(bshape) + offset.reshape(bshape)
     affine = rng.random() < 0.75
     training = rng.random() < 0.85
     mask = None
     if training and rng.random() < 0.3:
         mask = rng.random(layout.mask_shape(shape)) < 0.7
         for start in np.cumsum([0, *splits[:-1]]):
-            mask[start:start + 2] = True  # >= 2 valid positions in every group
+            mask[start : start + 2] = True  # >= 2 valid positions in every group
     conv = CONVENTIONS[convention]
 
     def arr(a):
         return np.asarray(a, dtype=dtype)
 
-    return Case(x=arr(x), dy=arr(rng.standard_normal(shape)),
-                weight=arr(rng.uniform(0.5, 2, c)) if affine else None,
-                bias=arr(rng.standard_normal(c)) if affine else None,
-                running_mean=arr(rng.standard_normal(c)), running_var=arr(rng.uniform(0.5, 2, c)),
-                splits=tuple(splits), data_format=data_format, convention=convention,
-                eps=conv.eps, momentum=conv.momentum, training=training, mask=mask,
-                groups=groups)
+    return Case(
+        x=arr(x),
+        dy=arr(rng.standard_normal(shape)),
+        weight=arr(rng.uniform(0.5, 2, c)) if affine else None,
+        bias=arr(rng.standard_normal(c)) if affine else None,
+        running_mean=arr(rng.standard_normal(c)),
+        running_var=arr(rng.uniform(0.5, 2, c)),
+        splits=tuple(splits),
+        data_format=data_format,
+        convention=convention,
+        eps=conv.eps,
+        momentum=conv.momentum,
+        training=training,
+        mask=mask,
+        groups=groups,
+    )
 
 
 def case_error(case, rank: int, outputs: dict, expected: dict) -> tuple[float, str]:
@@ -170,8 +187,7 @@ def check_rank(cases, comm, progress=None) -> np.ndarray:
         expected = expected_outputs(case, param_grads="local")[comm.rank]
         err, key = case_error(case, comm.rank, outputs, expected)
         calls = counting.tally.calls
-        table[comm.rank, i] = [err, RESULT_KEYS.index(key), calls["agree"], calls["data"],
-                               seconds]
+        table[comm.rank, i] = [err, RESULT_KEYS.index(key), calls["agree"], calls["data"], seconds]
         if progress is not None:
             progress.update()
     return comm.allreduce_sum(table.reshape(-1), xp=np).reshape(table.shape)
@@ -179,13 +195,27 @@ def check_rank(cases, comm, progress=None) -> np.ndarray:
 
 def add_arguments(parser) -> None:
     """Arguments of the ``selfcheck`` subcommand."""
-    parser.add_argument("--cases", type=positive_int, default=98, metavar="N",
-                        help="number of random cases (default 98: every (format, "
-                             "convention) pair in float64 and in float32)")
-    parser.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
-                        help="seed of the random cases (default 0)")
-    parser.add_argument("--world", type=positive_int, metavar="W",
-                        help="run W ranks as threads of this process instead of under mpiexec")
+    parser.add_argument(
+        "--cases",
+        type=positive_int,
+        default=98,
+        metavar="N",
+        help="number of random cases (default 98: every (format, "
+        "convention) pair in float64 and in float32)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int_at_least(0),
+        default=0,
+        metavar="S",
+        help="seed of the random cases (default 0)",
+    )
+    parser.add_argument(
+        "--world",
+        type=positive_int,
+        metavar="W",
+        help="run W ranks as threads of this process instead of under mpiexec",
+    )
 
 
 def main(args) -> int:
@@ -193,14 +223,17 @@ def main(args) -> int:
     start = time.perf_counter()
     if args.world is not None:
         if launched_by_mpiexec():
-            msg = ("--world runs ranks as threads of one process; under mpiexec leave it out "
-                   "(the MPI ranks are the world)")
+            msg = (
+                "--world runs ranks as threads of one process; under mpiexec leave it out "
+                "(the MPI ranks are the world)"
+            )
             raise ValueError(msg)
         world = SimulatedWorld(args.world)
         cases = build_cases(args.world, args.cases, args.seed)
         with Progress(len(cases), "selfcheck", "case") as bar:
             table = world.run(
-                lambda comm: check_rank(cases, comm, bar if comm.rank == 0 else None))[0]
+                lambda comm: check_rank(cases, comm, bar if comm.rank == 0 else None)
+            )[0]
         rank, where = 0, f"{args.world} simulated ranks (threads of one process)"
     else:
         comm = default_comm()
@@ -215,11 +248,13 @@ def main(args) -> int:
 
 
 def _describe_world(comm) -> str:
-    """"4 MPI ranks (MPICH Version: 5.0.2)" or the one-process fallback."""
+    """ "4 MPI ranks (MPICH Version: 5.0.2)" or the one-process fallback."""
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None:
-        return ("1 rank (not under an MPI launcher; try "
-                "`mpiexec -n 4 python -m mpi4py -m refsyncbn selfcheck`)")
+        return (
+            "1 rank (not under an MPI launcher; try "
+            "`mpiexec -n 4 python -m mpi4py -m refsyncbn selfcheck`)"
+        )
     library = mpi.Get_library_version().strip().splitlines()[0]
     return f"{comm.size} MPI rank{'s' if comm.size > 1 else ''} ({' '.join(library.split())})"
 
@@ -236,17 +271,19 @@ def _offset(case) -> float:
 
 def _report(cases, table, where, seed, wall) -> str:
     """The human-readable report printed by rank 0."""
-    lines = [f"refsyncbn selfcheck: {where}",
-             f"{len(cases)} random cases (seed {seed}) vs the float64 global-batch oracle",
-             f"error model: refsyncbn.testing.ErrorModel({MODEL.accumulation!r}, "
-             f"{MODEL.variance!r}, {MODEL.summation!r}), as in `check`; "
-             f"err/bound = worst |got - expected| / bound",
-             f"kernels: {kernels.select(np.empty(0)).NAME} (importable here: "
-             f"{', '.join(kernels.available())}; {kernels.ENV_VAR} chooses)",
-             "",
-             f"{'case':>4}  {'format':<6} {'convention':<10} {'dtype':<7} {'mode':<10} "
-             f"{'groups':<22} {'local batch per rank':<22} {'|mean|/std':>10} "
-             f"{'all-reduces':<13} {'err/bound':>9}  {'worst':<12} verdict"]
+    lines = [
+        f"refsyncbn selfcheck: {where}",
+        f"{len(cases)} random cases (seed {seed}) vs the float64 global-batch oracle",
+        f"error model: refsyncbn.testing.ErrorModel({MODEL.accumulation!r}, "
+        f"{MODEL.variance!r}, {MODEL.summation!r}), as in `check`; "
+        f"err/bound = worst |got - expected| / bound",
+        f"kernels: {kernels.select(np.empty(0)).NAME} (importable here: "
+        f"{', '.join(kernels.available())}; {kernels.ENV_VAR} chooses)",
+        "",
+        f"{'case':>4}  {'format':<6} {'convention':<10} {'dtype':<7} {'mode':<10} "
+        f"{'groups':<22} {'local batch per rank':<22} {'|mean|/std':>10} "
+        f"{'all-reduces':<13} {'err/bound':>9}  {'worst':<12} verdict",
+    ]
     worst_rank = np.argmax(np.nan_to_num(table[:, :, 0], nan=np.inf), axis=0)
     for i, case in enumerate(cases):
         row = table[worst_rank[i], i]
@@ -255,20 +292,27 @@ def _report(cases, table, where, seed, wall) -> str:
         mode = ("train" if case.training else "eval") + ("+mask" if case.mask is not None else "")
         groups = "all" if case.groups is None else str(case.groups).replace(" ", "")
         colls = f"{int(np.max(table[:, i, 2]))} int+{int(np.max(table[:, i, 3]))} flt"
-        lines.append(f"{i:>4}  {case.data_format:<6} {case.convention:<10} "
-                     f"{case.x.dtype.name:<7} {mode:<10} {groups:<22} "
-                     f"{list(case.splits)!s:<22} {_offset(case):>10.2g} {colls:<13} {err:>9.3g}  "
-                     f"{RESULT_KEYS[int(row[1])]:<12} {'ok' if ok else 'FAIL'}")
+        lines.append(
+            f"{i:>4}  {case.data_format:<6} {case.convention:<10} "
+            f"{case.x.dtype.name:<7} {mode:<10} {groups:<22} "
+            f"{list(case.splits)!s:<22} {_offset(case):>10.2g} {colls:<13} {err:>9.3g}  "
+            f"{RESULT_KEYS[int(row[1])]:<12} {'ok' if ok else 'FAIL'}"
+        )
     errs = np.max(table[:, :, 0], axis=0)
     failed = int(np.sum(~(errs <= 1.0)))
-    lines += ["",
-              "all-reduces per rank and case: int = agreement (group creation and every pass, "
-              "eval included), flt = packed statistics (one per training pass); a group of "
-              "one rank skips the agreement; |mean|/std: the largest over the channels of "
-              "the global batch",
-              f"time in the cases: {np.max(np.sum(table[:, :, 4], axis=1)):.2f} s "
-              f"(slowest rank); wall time {wall:.2f} s",
-              (f"FAILED: {failed} of {len(cases)} cases exceed the error bound" if failed else
-               f"PASSED: all {len(cases)} cases within tolerance "
-               f"(worst err/bound {float(np.max(errs)):.3g})")]
+    lines += [
+        "",
+        "all-reduces per rank and case: int = agreement (group creation and every pass, "
+        "eval included), flt = packed statistics (one per training pass); a group of "
+        "one rank skips the agreement; |mean|/std: the largest over the channels of "
+        "the global batch",
+        f"time in the cases: {np.max(np.sum(table[:, :, 4], axis=1)):.2f} s "
+        f"(slowest rank); wall time {wall:.2f} s",
+        (
+            f"FAILED: {failed} of {len(cases)} cases exceed the error bound"
+            if failed
+            else f"PASSED: all {len(cases)} cases within tolerance "
+            f"(worst err/bound {float(np.max(errs)):.3g})"
+        ),
+    ]
     return "\n".join(lines)

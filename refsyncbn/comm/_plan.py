@@ -45,7 +45,7 @@ def pack(record, size: int, b: int, *, xp):
     """``(k, C)`` record -> ``(P, k, b)``: row ``j`` holds owner ``j``'s channels (a new array)."""
     k, c = record.shape
     if size * b > c:
-        edge = xp.broadcast_to(record[:, c - 1:], (k, size * b - c))
+        edge = xp.broadcast_to(record[:, c - 1 :], (k, size * b - c))
         record = xp.concat([record, edge], axis=1)
     blocks = xp.permute_dims(xp.reshape(record, (k, size, b)), (1, 0, 2))
     return xp.reshape(xp.reshape(blocks, (-1,)), (size, k, b))  # flattening copies: contiguous

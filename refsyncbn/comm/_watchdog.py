@@ -55,11 +55,17 @@ def resolve_timeout(timeout, default: float, where: str) -> float:
             timeout = float(env)
         except ValueError:
             timeout = env
-    ok = (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-          and not math.isnan(timeout) and timeout > 0)
+    ok = (
+        isinstance(timeout, (int, float))
+        and not isinstance(timeout, bool)
+        and not math.isnan(timeout)
+        and timeout > 0
+    )
     if not ok:
-        msg = (f"{where}: {source} is {timeout!r}; expected a number of seconds > 0 "
-               f"(math.inf: no deadline)")
+        msg = (
+            f"{where}: {source} is {timeout!r}; expected a number of seconds > 0 "
+            f"(math.inf: no deadline)"
+        )
         raise ValueError(msg)
     return float(timeout)
 

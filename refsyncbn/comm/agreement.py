@@ -108,10 +108,10 @@ def agree(comm, op: str, error: BaseException | None, fields=None, describe=None
     sequence, call = _next_call(comm, op)
     record = np.zeros(_HEADER + MAX_FIELDS, dtype=np.int64)
     record[:_HEADER] = [operation_code(op), sequence, call, error is not None]
-    record[_HEADER:_HEADER + len(fields)] = list(fields.values())
+    record[_HEADER : _HEADER + len(fields)] = list(fields.values())
     both = comm.allreduce_min(np.concatenate([record, -record]), what=f"{op} call #{call}")
     # Every rank holds the same min/max, so every rank takes the same branch below.
-    if (both[:record.size] == -both[record.size:]).all():
+    if (both[: record.size] == -both[record.size :]).all():
         if error is not None:
             raise error
         return
@@ -148,18 +148,27 @@ def _diagnose(table, rank: int, op: str, names: list, describe) -> str:
 
     (code_r, seq_r, call_r), (code_0, seq_0, call_0) = table[r, :3], table[0, :3]
     if (code_r, call_r) != (code_0, call_0) or seq_r != seq_0:
-        seq = "" if (code_r, call_r) != (code_0, call_0) else \
-            f" (collective sequences #{seq_r} and #{seq_0} on this communicator)"
-        return (f"{where}: rank {r} is in {name(code_r)} call #{call_r}, rank 0 in "
-                f"{name(code_0)} call #{call_0}{seq}; every rank of the group must make the "
-                f"same calls in the same order")
+        seq = (
+            ""
+            if (code_r, call_r) != (code_0, call_0)
+            else f" (collective sequences #{seq_r} and #{seq_0} on this communicator)"
+        )
+        return (
+            f"{where}: rank {r} is in {name(code_r)} call #{call_r}, rank 0 in "
+            f"{name(code_0)} call #{call_0}{seq}; every rank of the group must make the "
+            f"same calls in the same order"
+        )
     failed = [int(i) for i in np.flatnonzero(table[:, 3])]
     if failed:
-        return (f"{where}: rank(s) {failed} of the group rejected their own inputs (their "
-                f"exceptions say why); rank {rank}'s inputs were valid")
+        return (
+            f"{where}: rank(s) {failed} of the group rejected their own inputs (their "
+            f"exceptions say why); rank {rank}'s inputs were valid"
+        )
     describe = describe or (lambda field, code: f"{field} {code}")
     j = int(np.flatnonzero(table[r] != table[0])[0]) - _HEADER
     field = names[j]
-    return (f"{where}: rank {r} passed {describe(field, int(table[r, _HEADER + j]))}, rank 0 "
-            f"passed {describe(field, int(table[0, _HEADER + j]))}; every rank of the group "
-            f"must agree")
+    return (
+        f"{where}: rank {r} passed {describe(field, int(table[r, _HEADER + j]))}, rank 0 "
+        f"passed {describe(field, int(table[0, _HEADER + j]))}; every rank of the group "
+        f"must agree"
+    )

@@ -62,8 +62,9 @@ class CountingComm:
         return self._timed(kind, nbytes, lambda: self._comm.allreduce_sum(buf, xp=xp))
 
     def combine(self, record, fn, /, *, xp):
-        return self._timed("data", int(record.size) * 8,
-                           lambda: self._comm.combine(record, fn, xp=xp))
+        return self._timed(
+            "data", int(record.size) * 8, lambda: self._comm.combine(record, fn, xp=xp)
+        )
 
     def _timed(self, kind, nbytes, call):
         """Count one collective of ``kind`` and ``nbytes``; time ``call()``."""

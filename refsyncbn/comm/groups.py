@@ -34,8 +34,10 @@ def validate_process_groups(process_groups, world_size: int) -> list[list[int]]:
     [[0, 2], [1, 3]]
     """
     if not isinstance(process_groups, list):
-        msg = (f"process_groups is a {type(process_groups).__name__}; expected a list "
-               f"of lists of int ranks, e.g. [[0, 1], [2, 3]]")
+        msg = (
+            f"process_groups is a {type(process_groups).__name__}; expected a list "
+            f"of lists of int ranks, e.g. [[0, 1], [2, 3]]"
+        )
         raise TypeError(msg)
     seen: dict[int, int] = {}
     for g, group in enumerate(process_groups):
@@ -50,12 +52,17 @@ def validate_process_groups(process_groups, world_size: int) -> list[list[int]]:
                 msg = f"process_groups[{g}] holds {rank!r}; expected int ranks"
                 raise TypeError(msg)
             if not 0 <= rank < world_size:
-                msg = (f"process_groups[{g}] holds rank {rank}; expected ranks in "
-                       f"[0, {world_size}) for a world of size {world_size}")
+                msg = (
+                    f"process_groups[{g}] holds rank {rank}; expected ranks in "
+                    f"[0, {world_size}) for a world of size {world_size}"
+                )
                 raise ValueError(msg)
             if int(rank) in seen:
-                where = (f"twice in group {g}" if seen[int(rank)] == g
-                         else f"in group {seen[int(rank)]} and group {g}")
+                where = (
+                    f"twice in group {g}"
+                    if seen[int(rank)] == g
+                    else f"in group {seen[int(rank)]} and group {g}"
+                )
                 msg = f"process_groups: rank {rank} is {where}; each rank may appear once only"
                 raise ValueError(msg)
             seen[int(rank)] = g
@@ -92,8 +99,10 @@ def group_comm(comm, process_groups):
     if groups is not None:
         color = next((g for g, group in enumerate(groups) if comm.rank in group), None)
         if color is None:
-            msg = (f"rank {comm.rank} is in no group of process_groups={groups}; every rank "
-                   f"that runs SyncBatchNorm must belong to exactly one group")
+            msg = (
+                f"rank {comm.rank} is in no group of process_groups={groups}; every rank "
+                f"that runs SyncBatchNorm must belong to exactly one group"
+            )
             error = ValueError(msg)
     own = _digest(groups)
 
@@ -112,5 +121,7 @@ def _digest(groups) -> int:
     """A 62-bit digest of a normalized spec (0 for ``None``)."""
     if groups is None:
         return 0
-    return int.from_bytes(hashlib.blake2b(repr(groups).encode(), digest_size=8).digest(),
-                          "big") >> 2 or 1
+    return (
+        int.from_bytes(hashlib.blake2b(repr(groups).encode(), digest_size=8).digest(), "big") >> 2
+        or 1
+    )

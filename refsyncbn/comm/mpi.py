@@ -65,8 +65,14 @@ from .._xp import device_of, is_cupy_array, to_numpy
 from ._plan import block_width, pack, unpack
 from ._watchdog import CollectiveTimeout, resolve_timeout, wait
 
-__all__ = ["CUDA_AWARE_ENV", "DEFAULT_TIMEOUT_S", "HostStagingWarning", "MPIComm",
-           "default_comm", "launched_by_mpiexec"]
+__all__ = [
+    "CUDA_AWARE_ENV",
+    "DEFAULT_TIMEOUT_S",
+    "HostStagingWarning",
+    "MPIComm",
+    "default_comm",
+    "launched_by_mpiexec",
+]
 
 DEFAULT_TIMEOUT_S = 600.0
 """Deadline of an MPI collective when neither ``timeout=`` nor ``$REFSYNCBN_TIMEOUT`` is set."""
@@ -168,8 +174,10 @@ class MPIComm:
             elif forced in ("0", "1"):
                 self._cuda_aware = forced == "1"
             else:
-                msg = (f"MPIComm.allreduce_sum: {CUDA_AWARE_ENV} is {forced!r}; expected 1 (MPI "
-                       f"is CUDA-aware: hand it device buffers) or 0 (stage through host memory)")
+                msg = (
+                    f"MPIComm.allreduce_sum: {CUDA_AWARE_ENV} is {forced!r}; expected 1 (MPI "
+                    f"is CUDA-aware: hand it device buffers) or 0 (stage through host memory)"
+                )
                 raise ValueError(msg)
         return self._cuda_aware
 
@@ -191,8 +199,10 @@ class MPIComm:
         a NumPy or device array); the result keeps ``buf``'s type and device.
         """
         if getattr(buf, "ndim", None) != 1:
-            msg = (f"MPIComm.allreduce_sum: buf has shape {getattr(buf, 'shape', None)}; "
-                   f"expected a 1-D packed buffer")
+            msg = (
+                f"MPIComm.allreduce_sum: buf has shape {getattr(buf, 'shape', None)}; "
+                f"expected a 1-D packed buffer"
+            )
             raise ValueError(msg)
         if isinstance(buf, np.ndarray):
             return self._reduce(np.ascontiguousarray(buf), xp=np)
@@ -220,8 +230,9 @@ class MPIComm:
         k, c = record.shape
         what = f"data collective after {self._last}"
         dev = device_of(record)
-        on_device = not isinstance(record, np.ndarray) and hasattr(record,
-                                                                   "__cuda_array_interface__")
+        on_device = not isinstance(record, np.ndarray) and hasattr(
+            record, "__cuda_array_interface__"
+        )
         direct = on_device and self.cuda_aware
         if direct:
             if is_cupy_array(record):
@@ -257,8 +268,10 @@ class MPIComm:
             self._wait(self._comm.Iallreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM), what)
             return buf
         if dtype.name not in _FLOAT_DTYPES:
-            msg = (f"MPIComm.allreduce_sum: buf has dtype {dtype.name}; expected one of "
-                   f"{', '.join(_FLOAT_DTYPES + _INT_DTYPES)}")
+            msg = (
+                f"MPIComm.allreduce_sum: buf has dtype {dtype.name}; expected one of "
+                f"{', '.join(_FLOAT_DTYPES + _INT_DTYPES)}"
+            )
             raise TypeError(msg)
         gathered = xp.empty((self.size, buf.shape[0]), dtype=buf.dtype, device=device_of(buf))
         self._wait(self._comm.Iallgather(buf, gathered), what)
@@ -288,10 +301,12 @@ class MPIComm:
             raise CollectiveTimeout(msg)
 
         def expired():
-            self._broken = (f"MPIComm: {what} did not complete within {self.timeout:g} s on "
-                            f"{self.name} (rank {self.rank} of {self.size}); some rank never "
-                            f"made this call or is in another collective (MPI cannot tell which "
-                            f"rank; REFSYNCBN_TIMEOUT or MPIComm(timeout=) sets the deadline)")
+            self._broken = (
+                f"MPIComm: {what} did not complete within {self.timeout:g} s on "
+                f"{self.name} (rank {self.rank} of {self.size}); some rank never "
+                f"made this call or is in another collective (MPI cannot tell which "
+                f"rank; REFSYNCBN_TIMEOUT or MPIComm(timeout=) sets the deadline)"
+            )
             return self._broken
 
         wait(request, self.timeout, expired)
@@ -313,10 +328,12 @@ def _warn_staging() -> None:
     if _staging_warned:
         return
     _staging_warned = True
-    msg = (f"MPIComm.allreduce_sum: MPI does not report CUDA-aware support, so device "
-           f"buffers are copied through host memory. If your MPI is CUDA-aware, set "
-           f"{CUDA_AWARE_ENV}=1 to hand it device buffers directly; set "
-           f"{CUDA_AWARE_ENV}=0 to keep staging and silence this warning.")
+    msg = (
+        f"MPIComm.allreduce_sum: MPI does not report CUDA-aware support, so device "
+        f"buffers are copied through host memory. If your MPI is CUDA-aware, set "
+        f"{CUDA_AWARE_ENV}=1 to hand it device buffers directly; set "
+        f"{CUDA_AWARE_ENV}=0 to keep staging and silence this warning."
+    )
     warnings.warn(msg, HostStagingWarning, stacklevel=3)
 
 

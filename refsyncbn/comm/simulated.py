@@ -68,8 +68,15 @@ class _Group:
         with world.cond:
             k = self.next_round[rank]
             self.next_round[rank] += 1
-            entry = self.rounds.setdefault(k, {"items": [None] * self.size, "arrived": 0,
-                                               "present": [False] * self.size, "read": 0})
+            entry = self.rounds.setdefault(
+                k,
+                {
+                    "items": [None] * self.size,
+                    "arrived": 0,
+                    "present": [False] * self.size,
+                    "read": 0,
+                },
+            )
             entry["items"][rank] = item
             entry["present"][rank] = True
             entry["arrived"] += 1
@@ -84,10 +91,12 @@ class _Group:
                     world.failed = True
                     world.cond.notify_all()
                     missing = [r for r, here in enumerate(entry["present"]) if not here]
-                    msg = (f"SimulatedWorld: {what} did not complete within "
-                           f"{world.timeout:g} s on {self.name} (rank {rank} of {self.size}): "
-                           f"rank(s) {missing} never arrived (REFSYNCBN_TIMEOUT or "
-                           f"SimulatedWorld(timeout=) sets the deadline)")
+                    msg = (
+                        f"SimulatedWorld: {what} did not complete within "
+                        f"{world.timeout:g} s on {self.name} (rank {rank} of {self.size}): "
+                        f"rank(s) {missing} never arrived (REFSYNCBN_TIMEOUT or "
+                        f"SimulatedWorld(timeout=) sets the deadline)"
+                    )
                     raise CollectiveTimeout(msg)
                 world.cond.wait(left)
             entry["read"] += 1
@@ -107,8 +116,7 @@ class _SimComm:
 
     def allreduce_min(self, buf, /, *, what):
         self._last = what
-        return np.min(np.stack(self._group.exchange(self.rank, buf, f"{what} (agreement)")),
-                      axis=0)
+        return np.min(np.stack(self._group.exchange(self.rank, buf, f"{what} (agreement)")), axis=0)
 
     def allreduce_sum(self, buf, /, *, xp):
         bufs = self._group.exchange(self.rank, buf, f"allreduce_sum after {self._last}")
@@ -144,8 +152,9 @@ class _SimComm:
             children = {}
             for c in sorted({e[0] for e in entries if e[0] is not None}):
                 members = sorted((k, r) for col, k, r in entries if col == c)
-                group = _Group(len(members), self._group.world,
-                               f"{self._group.name}/split(color={c})")
+                group = _Group(
+                    len(members), self._group.world, f"{self._group.name}/split(color={c})"
+                )
                 children[c] = (group, {r: i for i, (_, r) in enumerate(members)})
             self._group.exchange(self.rank, children, what)
         else:
@@ -211,15 +220,13 @@ class SimulatedWorld:
                 errors[rank] = exc
                 world.abort()
 
-        threads = [threading.Thread(target=body, args=(r,), daemon=True)
-                   for r in range(self.size)]
+        threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(self.size)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         if errors:
-            original = {r: e for r, e in errors.items()
-                        if not isinstance(e, PeerAborted)}
+            original = {r: e for r, e in errors.items() if not isinstance(e, PeerAborted)}
             first = min(original or errors)
             raise RankError(errors) from errors[first]
         return results

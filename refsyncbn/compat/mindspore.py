@@ -96,9 +96,22 @@ class SyncBatchNorm(_BatchNormBase):
     (array([0.3], dtype=float32), array([1.3666667], dtype=float32))
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True, gamma_init="ones",
-                 beta_init="zeros", moving_mean_init="zeros", moving_var_init="ones",
-                 use_batch_statistics=None, process_groups=None, *, comm=None, xp=None):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.9,
+        affine=True,
+        gamma_init="ones",
+        beta_init="zeros",
+        moving_mean_init="zeros",
+        moving_var_init="ones",
+        use_batch_statistics=None,
+        process_groups=None,
+        *,
+        comm=None,
+        xp=None,
+    ):
         if isinstance(num_features, bool) or not isinstance(num_features, int):
             msg = f"num_features is {num_features!r}; expected an int (MindSpore checks the type)"
             raise TypeError(msg)
@@ -120,15 +133,30 @@ class SyncBatchNorm(_BatchNormBase):
         if use_batch_statistics is not None and not isinstance(use_batch_statistics, bool):
             msg = f"use_batch_statistics is {use_batch_statistics!r}; expected a bool or None"
             raise ValueError(msg)
-        inits = {name: _initial_values(name, init, num_features) for name, init in (
-            ("gamma_init", gamma_init), ("beta_init", beta_init),
-            ("moving_mean_init", moving_mean_init), ("moving_var_init", moving_var_init))}
+        inits = {
+            name: _initial_values(name, init, num_features)
+            for name, init in (
+                ("gamma_init", gamma_init),
+                ("beta_init", beta_init),
+                ("moving_mean_init", moving_mean_init),
+                ("moving_var_init", moving_var_init),
+            )
+        }
         comm = group_comm(default_comm() if comm is None else comm, process_groups)
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=True,
-                         data_format="NCHW", convention=MINDSPORE, comm=comm, xp=xp)
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=True,
+            data_format="NCHW",
+            convention=MINDSPORE,
+            comm=comm,
+            xp=xp,
+        )
         xp = np if xp is None else xp
         self.weight, self.bias, self.running_mean, self.running_var = (
-            xp.asarray(inits[k]) for k in inits)
+            xp.asarray(inits[k]) for k in inits
+        )
         self.weight_requires_grad = self.bias_requires_grad = affine
         self.affine = affine
         self.use_batch_statistics = use_batch_statistics
@@ -151,8 +179,10 @@ class SyncBatchNorm(_BatchNormBase):
         return self.use_batch_statistics, self.use_batch_statistics
 
     def __repr__(self):
-        return (f"SyncBatchNorm(num_features={self.num_features}, eps={self.eps}, "
-                f"momentum={self.momentum})")
+        return (
+            f"SyncBatchNorm(num_features={self.num_features}, eps={self.eps}, "
+            f"momentum={self.momentum})"
+        )
 
 
 def _initial_values(name, init, c):
@@ -166,11 +196,15 @@ def _initial_values(name, init, c):
         if key == "uniform":
             return np.random.uniform(-0.07, 0.07, c).astype(np.float32)  # noqa: NPY002
         if key in _FAN_INITS:
-            msg = (f"{name} is {init!r}: its fan_in and fan_out can not be computed for a "
-                   f"parameter with fewer than 2 dimensions (shape ({c},)), as in MindSpore")
+            msg = (
+                f"{name} is {init!r}: its fan_in and fan_out can not be computed for a "
+                f"parameter with fewer than 2 dimensions (shape ({c},)), as in MindSpore"
+            )
             raise ValueError(msg)
-        msg = (f"{name} is {init!r}; expected 'ones', 'zeros', 'normal', 'uniform', a number "
-               f"or an array of shape ({c},)")
+        msg = (
+            f"{name} is {init!r}; expected 'ones', 'zeros', 'normal', 'uniform', a number "
+            f"or an array of shape ({c},)"
+        )
         raise ValueError(msg)
     if isinstance(init, numbers.Real):
         return np.full(c, float(init), dtype=np.float32)
@@ -179,6 +213,5 @@ def _initial_values(name, init, c):
             msg = f"{name} has shape {tuple(init.shape)}; expected ({c},) for num_features={c}"
             raise ValueError(msg)
         return np.array(init, dtype=np.float32)  # a copy: the layer owns its arrays
-    msg = (f"{name} is a {type(init).__name__}; expected a str, a number or an array of "
-           f"shape ({c},)")
+    msg = f"{name} is a {type(init).__name__}; expected a str, a number or an array of shape ({c},)"
     raise TypeError(msg)

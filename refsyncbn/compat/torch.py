@@ -40,12 +40,22 @@ _FORMATS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
 class _TorchNorm(_BatchNormBase):
     """PyTorch's rules on top of the generic layer."""
 
-    def __init__(self, num_features, eps, momentum, affine, track_running_stats, comm, device,
-                 dtype, xp):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         data_format="NCHW", convention=TORCH, comm=comm,
-                         track_running_stats=track_running_stats, dtype=dtype, xp=xp,
-                         device=device)
+    def __init__(
+        self, num_features, eps, momentum, affine, track_running_stats, comm, device, dtype, xp
+    ):
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            data_format="NCHW",
+            convention=TORCH,
+            comm=comm,
+            track_running_stats=track_running_stats,
+            dtype=dtype,
+            xp=xp,
+            device=device,
+        )
 
     def _resolve_momentum(self, momentum):
         if momentum is not None:
@@ -62,9 +72,11 @@ class _TorchNorm(_BatchNormBase):
         return 1.0 / step if self.momentum is None else self.momentum
 
     def __repr__(self):
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats})")
+        return (
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats})"
+        )
 
 
 class BatchNorm(_TorchNorm):
@@ -82,10 +94,21 @@ class BatchNorm(_TorchNorm):
     array([ 1.1, 20.9], dtype=float32)
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, xp=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, LocalComm(),
-                         device, dtype, xp)
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+        *,
+        xp=None,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, LocalComm(), device, dtype, xp
+        )
 
 
 class SyncBatchNorm(_TorchNorm):
@@ -135,17 +158,30 @@ class SyncBatchNorm(_TorchNorm):
     (array([5., 6.], dtype=float32), 1)
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None, device=None, dtype=None, *,
-                 xp=None):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        xp=None,
+    ):
         if process_group is not None and not isinstance(process_group, Communicator):
-            msg = (f"process_group is a {type(process_group).__name__}; expected a refsyncbn "
-                   f"Communicator (e.g. from refsyncbn.comm.group_comm) or None")
+            msg = (
+                f"process_group is a {type(process_group).__name__}; expected a refsyncbn "
+                f"Communicator (e.g. from refsyncbn.comm.group_comm) or None"
+            )
             raise TypeError(msg)
         self.process_group = process_group
         comm = default_comm() if process_group is None else process_group
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, comm, device,
-                         dtype, xp)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, comm, device, dtype, xp
+        )
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
@@ -166,8 +202,14 @@ class SyncBatchNorm(_TorchNorm):
         comm = default_comm() if process_group is None else process_group
 
         def convert(layer):
-            new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
-                      layer.track_running_stats, process_group=comm)
+            new = cls(
+                layer.num_features,
+                layer.eps,
+                layer.momentum,
+                layer.affine,
+                layer.track_running_stats,
+                process_group=comm,
+            )
             new._adopt(layer)
             return new
 

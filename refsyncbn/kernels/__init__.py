@@ -80,9 +80,13 @@ def _auto(x):
         except ModuleNotFoundError as err:
             if err.name != __name__ + "._numba" and not _warned:
                 _warned.append(True)
-                warnings.warn(f"refsyncbn: numba cannot be imported ({err}); using the slower "
-                              f"NumPy kernels. Install numba, or set {ENV_VAR}=numpy to "
-                              f"silence this warning.", BackendWarning, stacklevel=4)
+                warnings.warn(
+                    f"refsyncbn: numba cannot be imported ({err}); using the slower "
+                    f"NumPy kernels. Install numba, or set {ENV_VAR}=numpy to "
+                    f"silence this warning.",
+                    BackendWarning,
+                    stacklevel=4,
+                )
     return _load("numpy")
 
 
@@ -133,8 +137,10 @@ def select(x, backend=None):
         msg = f"{where} is {backend!r}, which cannot be imported here: {err}"
         raise ValueError(msg) from None
     if not module.supports(x):
-        msg = (f"{where} is {backend!r}, which cannot run x of type {type(x).__name__} and "
-               f"dtype {x.dtype}")
+        msg = (
+            f"{where} is {backend!r}, which cannot run x of type {type(x).__name__} and "
+            f"dtype {x.dtype}"
+        )
         raise TypeError(msg)
     return module
 

@@ -27,24 +27,49 @@ NAME = "cupy"
 _OPTIONS = ("--fmad=false",)
 
 _SUM = cp.ReductionKernel(
-    "T x, bool valid, float64 t", "float64 out",
-    "valid ? (double)x - t : 0.0", "a + b", "out = a", "0", "refsyncbn_sum_about",
-    options=_OPTIONS)
+    "T x, bool valid, float64 t",
+    "float64 out",
+    "valid ? (double)x - t : 0.0",
+    "a + b",
+    "out = a",
+    "0",
+    "refsyncbn_sum_about",
+    options=_OPTIONS,
+)
 _SQUARES = cp.ReductionKernel(
-    "T x, bool valid, float64 t", "float64 out",
-    "valid ? ((double)x - t) * ((double)x - t) : 0.0", "a + b", "out = a", "0",
-    "refsyncbn_squares_about", options=_OPTIONS)
+    "T x, bool valid, float64 t",
+    "float64 out",
+    "valid ? ((double)x - t) * ((double)x - t) : 0.0",
+    "a + b",
+    "out = a",
+    "0",
+    "refsyncbn_squares_about",
+    options=_OPTIONS,
+)
 _DOT = cp.ReductionKernel(
-    "T dy, X x, float64 mean", "float64 out",
-    "(double)dy * ((double)x - mean)", "a + b", "out = a", "0", "refsyncbn_dot_about",
-    options=_OPTIONS)
+    "T dy, X x, float64 mean",
+    "float64 out",
+    "(double)dy * ((double)x - mean)",
+    "a + b",
+    "out = a",
+    "0",
+    "refsyncbn_dot_about",
+    options=_OPTIONS,
+)
 _NORMALIZE = cp.ElementwiseKernel(
-    "T x, float64 mean, float64 scale, float64 shift", "Y y",
-    "y = (Y)(((double)x - mean) * scale + shift)", "refsyncbn_normalize", options=_OPTIONS)
+    "T x, float64 mean, float64 scale, float64 shift",
+    "Y y",
+    "y = (Y)(((double)x - mean) * scale + shift)",
+    "refsyncbn_normalize",
+    options=_OPTIONS,
+)
 _GRAD_INPUT = cp.ElementwiseKernel(
-    "T dy, X x, float64 mean, float64 kdy, float64 kx, float64 k0, bool valid", "Y dx",
+    "T dy, X x, float64 mean, float64 kdy, float64 kx, float64 k0, bool valid",
+    "Y dx",
     "double g = kdy * (double)dy; dx = (Y)(valid ? g - (kx * ((double)x - mean) + k0) : g)",
-    "refsyncbn_grad_input", options=_OPTIONS)
+    "refsyncbn_grad_input",
+    options=_OPTIONS,
+)
 
 
 def supports(x) -> bool:
@@ -90,8 +115,7 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
 def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     """``k_dy * dy - valid * (k_x * (x - mean) + k_0)`` in float64, rounded once to ``dtype``."""
     out = cp.empty(x3.shape, dtype=dtype)
-    return _GRAD_INPUT(dy3, x3, _col(mean), _col(k_dy), _col(k_x), _col(k_0), _valid(mask3),
-                       out)
+    return _GRAD_INPUT(dy3, x3, _col(mean), _col(k_dy), _col(k_x), _col(k_0), _valid(mask3), out)
 
 
 def _col(v):

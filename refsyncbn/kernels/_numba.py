@@ -97,8 +97,17 @@ def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     if b >= _ROW_MIN:
         _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, _rows_mask(mask3), out)
     else:
-        _grad_input_cols(_matrix(dy3), _matrix(x3), mean, k_dy, k_x, k_0, b,
-                         _matrix_mask(mask3, x3.shape), _matrix(out))
+        _grad_input_cols(
+            _matrix(dy3),
+            _matrix(x3),
+            mean,
+            k_dy,
+            k_x,
+            k_0,
+            b,
+            _matrix_mask(mask3, x3.shape),
+            _matrix(out),
+        )
     return out
 
 
@@ -184,10 +193,11 @@ def _moments_rows(x, mask, block):
         for c in range(nc):
             for lo in range(0, nb, block):
                 if mask is None:
-                    k, mu, q, r = _segment(x[a, c, lo:lo + block])
+                    k, mu, q, r = _segment(x[a, c, lo : lo + block])
                 else:
-                    k, mu, q, r = _segment_masked(x[a, c, lo:lo + block],
-                                                  mask[a, 0, lo:lo + block])
+                    k, mu, q, r = _segment_masked(
+                        x[a, c, lo : lo + block], mask[a, 0, lo : lo + block]
+                    )
                 if k > 0:
                     _combine(st, c, k, mu, q, r)
     return _finish(st)

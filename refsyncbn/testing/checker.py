@@ -132,8 +132,14 @@ _STABLE = ErrorModel("float32", "stable")
 # use_fast_variance default, ChainerMN's sqmean) or a cancellation-free one.
 # A naive preset also matches a more accurate candidate; a stable preset does
 # not match a naive one. MindSpore's kernels differ: no constraint.
-_PRESET_VARIANCE = {"reference": "stable", "torch": "stable", "paddle": "naive",
-                    "keras": "naive", "flax": "naive", "chainermn": "naive"}
+_PRESET_VARIANCE = {
+    "reference": "stable",
+    "torch": "stable",
+    "paddle": "naive",
+    "keras": "naive",
+    "flax": "naive",
+    "chainermn": "naive",
+}
 
 
 class Candidate(Protocol):
@@ -177,8 +183,21 @@ class Candidate(Protocol):
     >>> # refsyncbn.testing.check(my_sync_bn, expect="torch")
     """
 
-    def __call__(self, x, dy, weight, bias, running_mean, running_var, *, eps, momentum,
-                 training, data_format, comm) -> dict: ...
+    def __call__(
+        self,
+        x,
+        dy,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        *,
+        eps,
+        momentum,
+        training,
+        data_format,
+        comm,
+    ) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -223,8 +242,9 @@ class CheckReport:
         total = sum(len(cs) for cs in self.checks.values())
         failed = sum(not c.passed for cs in self.checks.values() for c in cs)
         verdict = "PASS" if self.passed else "FAIL"
-        return (f"verdict: {verdict}: {total - failed} of {total} outputs within the bound"
-                + (f", {len(self.errors)} case(s) without outputs" if self.errors else ""))
+        return f"verdict: {verdict}: {total - failed} of {total} outputs within the bound" + (
+            f", {len(self.errors)} case(s) without outputs" if self.errors else ""
+        )
 
     def _fingerprint_lines(self) -> list[str]:
         if not self.fingerprint:
@@ -238,8 +258,10 @@ class CheckReport:
         """One screen: failing cases (worst first), passing count, fingerprint, verdict."""
         n_cases = len(self.checks) + len(self.errors)
         lines = [f"refsyncbn check: {n_cases} case(s), {self.model}"]
-        bad = sorted((n for n, cs in self.checks.items() if not all(c.passed for c in cs)),
-                     key=lambda n: -self.worst(n).ratio)
+        bad = sorted(
+            (n for n, cs in self.checks.items() if not all(c.passed for c in cs)),
+            key=lambda n: -self.worst(n).ratio,
+        )
         shown = [f"FAIL  {n}: {self.worst(n).describe()}" for n in bad]
         shown += [f"ERROR {n}: {reason}" for n, reason in self.errors.items()]
         lines += shown[:max_cases]
@@ -248,8 +270,10 @@ class CheckReport:
         ok = [n for n in self.checks if n not in bad]
         if ok:
             worst = max(ok, key=lambda n: self.worst(n).ratio)
-            lines.append(f"ok    {len(ok)} case(s); largest error/bound {self.worst(worst).ratio:.3g}"
-                         f" ({worst}: {self.worst(worst).describe()})")
+            lines.append(
+                f"ok    {len(ok)} case(s); largest error/bound {self.worst(worst).ratio:.3g}"
+                f" ({worst}: {self.worst(worst).describe()})"
+            )
         return "\n".join([*lines, *self._fingerprint_lines(), self._verdict()])
 
     def details(self) -> str:
@@ -265,21 +289,40 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         """JSON-ready: verdict, model, per-case checks, errors, fingerprint, presets."""
+
         def num(v):
             return v if math.isfinite(v) else str(v)
 
         return {
             "passed": self.passed,
-            "model": {k: getattr(self.model, k)
-                      for k in ("accumulation", "variance", "summation", "safety")},
-            "cases": {name: {"passed": all(c.passed for c in cs), "checks": [
-                {"rank": c.rank, "quantity": c.quantity, "ratio": num(c.ratio),
-                 "error": num(c.error), "bound": num(c.bound), "index": list(c.index),
-                 "channel": c.channel, "problem": c.problem, "passed": c.passed} for c in cs]}
-                for name, cs in self.checks.items()},
+            "model": {
+                k: getattr(self.model, k)
+                for k in ("accumulation", "variance", "summation", "safety")
+            },
+            "cases": {
+                name: {
+                    "passed": all(c.passed for c in cs),
+                    "checks": [
+                        {
+                            "rank": c.rank,
+                            "quantity": c.quantity,
+                            "ratio": num(c.ratio),
+                            "error": num(c.error),
+                            "bound": num(c.bound),
+                            "index": list(c.index),
+                            "channel": c.channel,
+                            "problem": c.problem,
+                            "passed": c.passed,
+                        }
+                        for c in cs
+                    ],
+                }
+                for name, cs in self.checks.items()
+            },
             "errors": dict(self.errors),
-            "fingerprint": {k: {"value": t.value, "evidence": t.evidence}
-                            for k, t in self.fingerprint.items()},
+            "fingerprint": {
+                k: {"value": t.value, "evidence": t.evidence} for k, t in self.fingerprint.items()
+            },
             "presets": list(self.presets),
         }
 
@@ -289,11 +332,13 @@ class CheckReport:
 
     def write_junit(self, path) -> None:
         """Write a JUnit XML report to ``path``: one testcase per case, the fingerprint as properties."""
-        suite = ET.Element("testsuite", name="refsyncbn.check",
-                           tests=str(len(self.checks) + len(self.errors)),
-                           failures=str(sum(not all(c.passed for c in cs)
-                                            for cs in self.checks.values())),
-                           errors=str(len(self.errors)))
+        suite = ET.Element(
+            "testsuite",
+            name="refsyncbn.check",
+            tests=str(len(self.checks) + len(self.errors)),
+            failures=str(sum(not all(c.passed for c in cs) for cs in self.checks.values())),
+            errors=str(len(self.errors)),
+        )
         props = ET.SubElement(suite, "properties")
         for key, trait in self.fingerprint.items():
             ET.SubElement(props, "property", name=f"fingerprint.{key}", value=trait.value)
@@ -355,8 +400,10 @@ def probe_cases(expect="reference") -> dict[str, Case]:
     def affine(c, unit=False):
         if unit:
             return {"weight": np.ones(c, _F32), "bias": np.zeros(c, _F32)}
-        return {"weight": rng.uniform(0.5, 2.0, c).astype(_F32),
-                "bias": rng.uniform(-1.0, 1.0, c).astype(_F32)}
+        return {
+            "weight": rng.uniform(0.5, 2.0, c).astype(_F32),
+            "bias": rng.uniform(-1.0, 1.0, c).astype(_F32),
+        }
 
     def make(x, splits, data_format="NC", unit=False, dy=None, **kw):
         c = get_layout(data_format).channels(x.shape)
@@ -365,30 +412,50 @@ def probe_cases(expect="reference") -> dict[str, Case]:
         kw.setdefault("momentum", conv.momentum)
         kw.setdefault("eps", conv.eps)
         dy = rng.standard_normal(x.shape).astype(_F32) if dy is None else dy.astype(_F32)
-        return Case(x=np.asarray(x, _F32), splits=splits, data_format=data_format,
-                    convention=conv.name, dy=dy, **affine(c, unit), **kw)
+        return Case(
+            x=np.asarray(x, _F32),
+            splits=splits,
+            data_format=data_format,
+            convention=conv.name,
+            dy=dy,
+            **affine(c, unit),
+            **kw,
+        )
 
     pm = np.array([1, -1, 1, -1, -1, 1, -1, 1], _F32)
     sd = np.sqrt([1e-4, 1e-3, 1e-2])
     return {
-        "running_stats": make(np.array([[1, -2], [3, 0], [5, 2], [7, 8]]), (2, 2),
-                              running_mean=np.array([-4, 10], _F32),
-                              running_var=np.array([1, 2], _F32), momentum=PROBE_MOMENTUM),
-        "weighting": make(np.array([[10, -5], [12, -3], [0, 1], [1, 2], [2, 3], [3, 5], [4, 8],
-                                    [5, 13]]), (2, 6), unit=True),
-        "eps": make(np.array([0.5, -1.0, 2.0]) + pm[:, None] * sd, (4, 4), unit=True,
-                    eps=PROBE_EPS),
-        "param_grads": make(rng.standard_normal((4, 2)), (2, 2),
-                            dy=np.array([[0.25, 0.5], [0.75, 0.5], [1, 2], [2, 1]])),
-        "cancellation": make(_half_ulp_rank_means(rng, (8300.0, 12300.0)), (64, 64),
-                             unit=True),
-        "general": make(_rng_values(rng, (5, 3, 2, 2), [0.5, -3, 20], [1, 0.2, 4], 1), (2, 3),
-                        "NCHW"),
+        "running_stats": make(
+            np.array([[1, -2], [3, 0], [5, 2], [7, 8]]),
+            (2, 2),
+            running_mean=np.array([-4, 10], _F32),
+            running_var=np.array([1, 2], _F32),
+            momentum=PROBE_MOMENTUM,
+        ),
+        "weighting": make(
+            np.array([[10, -5], [12, -3], [0, 1], [1, 2], [2, 3], [3, 5], [4, 8], [5, 13]]),
+            (2, 6),
+            unit=True,
+        ),
+        "eps": make(
+            np.array([0.5, -1.0, 2.0]) + pm[:, None] * sd, (4, 4), unit=True, eps=PROBE_EPS
+        ),
+        "param_grads": make(
+            rng.standard_normal((4, 2)),
+            (2, 2),
+            dy=np.array([[0.25, 0.5], [0.75, 0.5], [1, 2], [2, 1]]),
+        ),
+        "cancellation": make(_half_ulp_rank_means(rng, (8300.0, 12300.0)), (64, 64), unit=True),
+        "general": make(
+            _rng_values(rng, (5, 3, 2, 2), [0.5, -3, 20], [1, 0.2, 4], 1), (2, 3), "NCHW"
+        ),
         "empty_rank": make(_rng_values(rng, (3, 2, 2, 2), [1, -1], [1, 2], 3), (0, 3), "NHWC"),
-        "groups": make(_rng_values(rng, (7, 3), [0, 5, -5], [1, 3, 0.5], 1), (3, 4),
-                       groups=[[0], [1]]),
-        "eval": make(_rng_values(rng, (4, 2, 3), [2, -2], [1, 1], 1), (1, 3), "NCL",
-                     training=False),
+        "groups": make(
+            _rng_values(rng, (7, 3), [0, 5, -5], [1, 3, 0.5], 1), (3, 4), groups=[[0], [1]]
+        ),
+        "eval": make(
+            _rng_values(rng, (4, 2, 3), [2, -2], [1, 1], 1), (1, 3), "NCL", training=False
+        ),
     }
 
 
@@ -422,23 +489,63 @@ def reference_candidate(convention="reference", *, variance="stable"):
     """
     conv = get_convention(convention)
 
-    def candidate(x, dy, weight, bias, running_mean, running_var, *, eps, momentum, training,
-                  data_format, comm):
-        res = forward(x, weight, bias, running_mean=running_mean, running_var=running_var,
-                      training=training, eps=eps, momentum=momentum, data_format=data_format,
-                      convention=conv, variance=variance, comm=comm, xp=np)
+    def candidate(
+        x,
+        dy,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        *,
+        eps,
+        momentum,
+        training,
+        data_format,
+        comm,
+    ):
+        res = forward(
+            x,
+            weight,
+            bias,
+            running_mean=running_mean,
+            running_var=running_var,
+            training=training,
+            eps=eps,
+            momentum=momentum,
+            data_format=data_format,
+            convention=conv,
+            variance=variance,
+            comm=comm,
+            xp=np,
+        )
         grads = backward(dy, res.saved)
-        return {"y": res.y, "dx": grads.dx, "dweight": grads.dweight, "dbias": grads.dbias,
-                "running_mean": res.running_mean, "running_var": res.running_var}
+        return {
+            "y": res.y,
+            "dx": grads.dx,
+            "dweight": grads.dweight,
+            "dbias": grads.dbias,
+            "running_mean": res.running_mean,
+            "running_var": res.running_var,
+        }
 
     return candidate
 
 
 def _call(candidate, case, comm, x, dy):
     """One call of ``candidate`` on ``x``/``dy`` with ``case``'s other arguments."""
-    out = candidate(x, dy, case.weight, case.bias, case.running_mean, case.running_var,
-                    eps=case.eps, momentum=case.momentum, training=case.training,
-                    data_format=case.data_format, comm=comm)
+    out = candidate(
+        x,
+        dy,
+        case.weight,
+        case.bias,
+        case.running_mean,
+        case.running_var,
+        eps=case.eps,
+        momentum=case.momentum,
+        training=case.training,
+        data_format=case.data_format,
+        comm=comm,
+    )
     return {k: (None if out.get(k) is None else to_numpy(out[k])) for k in RESULT_KEYS}
 
 
@@ -466,17 +573,19 @@ def _global_outputs(candidate, case) -> list[dict]:
 def _gather(comm, case, mine) -> list[dict]:
     """Every world rank's outputs on every rank, through ``comm.allreduce_sum``."""
     c = get_layout(case.data_format).channels(case.x.shape)
-    shapes = [{k: (case.shard(r)["x"].shape if k in ("y", "dx") else (c,)) for k in RESULT_KEYS}
-              for r in range(comm.size)]
+    shapes = [
+        {k: (case.shard(r)["x"].shape if k in ("y", "dx") else (c,)) for k in RESULT_KEYS}
+        for r in range(comm.size)
+    ]
     sizes = [sum(1 + math.prod(s) for s in sh.values()) for sh in shapes]
     buf = np.zeros(sum(sizes))
-    pos = sum(sizes[:comm.rank])
+    pos = sum(sizes[: comm.rank])
     for k, shape in shapes[comm.rank].items():
         v = mine[k]
         ok = v is not None and tuple(v.shape) == tuple(shape)
         buf[pos] = 1.0 if ok else (0.0 if v is None else -1.0)
         if ok:
-            buf[pos + 1:pos + 1 + math.prod(shape)] = np.asarray(v, np.float64).reshape(-1)
+            buf[pos + 1 : pos + 1 + math.prod(shape)] = np.asarray(v, np.float64).reshape(-1)
         pos += 1 + math.prod(shape)
     buf = comm.allreduce_sum(buf, xp=np)
     out, pos = [], 0
@@ -485,8 +594,11 @@ def _gather(comm, case, mine) -> list[dict]:
         for k, shape in sh.items():
             flag, n = buf[pos], math.prod(shape)
             # -1: the rank returned a wrong shape (reported as an empty array)
-            res[k] = (buf[pos + 1:pos + 1 + n].reshape(shape) if flag > 0
-                      else (np.zeros(0) if flag < 0 else None))
+            res[k] = (
+                buf[pos + 1 : pos + 1 + n].reshape(shape)
+                if flag > 0
+                else (np.zeros(0) if flag < 0 else None)
+            )
             pos += 1 + n
         out.append(res)
     return out
@@ -521,14 +633,17 @@ def run_candidate(candidate, case, *, comm=None, global_batch=False) -> list[dic
     if comm is None:
         return SimulatedWorld(case.world_size).run(lambda cm: _rank_outputs(candidate, case, cm))
     if comm.size != case.world_size:
-        msg = (f"run_candidate: the case has {case.world_size} ranks, comm has {comm.size}; "
-               f"run under mpiexec -n {case.world_size}")
+        msg = (
+            f"run_candidate: the case has {case.world_size} ranks, comm has {comm.size}; "
+            f"run under mpiexec -n {case.world_size}"
+        )
         raise ValueError(msg)
     return _gather(comm, case, _rank_outputs(candidate, case, comm))
 
 
-def check(candidate, cases_dir=None, *, expect="reference", global_batch=False, model=None,
-          comm=None) -> CheckReport:
+def check(
+    candidate, cases_dir=None, *, expect="reference", global_batch=False, model=None, comm=None
+) -> CheckReport:
     """Check a candidate implementation: accuracy per output and a convention fingerprint.
 
     Parameters
@@ -564,8 +679,7 @@ def check(candidate, cases_dir=None, *, expect="reference", global_batch=False, 
         outputs = {}
         for name, case in cases.items():
             try:
-                outputs[name] = run_candidate(candidate, case, comm=comm,
-                                              global_batch=global_batch)
+                outputs[name] = run_candidate(candidate, case, comm=comm, global_batch=global_batch)
             except RankError as exc:
                 errors[name] = f"the candidate raised: {exc}"
     else:
@@ -644,26 +758,38 @@ def fingerprint(cases, outputs, *, global_batch=False) -> dict[str, Trait]:
     traits: dict = {}
     if not set(_TRAITS_OF) & set(outputs):
         return traits
-    readers = (("running_stats", _running_traits), ("weighting", _weighting_trait),
-               ("eps", _eps_traits), ("param_grads", _param_grads_trait),
-               ("cancellation", _variance_trait), ("empty_rank", _empty_rank_trait))
+    readers = (
+        ("running_stats", _running_traits),
+        ("weighting", _weighting_trait),
+        ("eps", _eps_traits),
+        ("param_grads", _param_grads_trait),
+        ("cancellation", _variance_trait),
+        ("empty_rank", _empty_rank_trait),
+    )
     for name, reader in readers:
         if name in outputs:
             with np.errstate(all="ignore"):
                 found = reader(cases[name], outputs[name])
         else:
-            found = [Trait(t, "not probed", f"no outputs for probe {name!r}")
-                     for t in _TRAITS_OF[name]]
+            found = [
+                Trait(t, "not probed", f"no outputs for probe {name!r}") for t in _TRAITS_OF[name]
+            ]
         traits.update({t.name: t for t in found})
     if global_batch:
-        traits["param_grads"] = Trait("param_grads", "n/a",
-                                      "global-batch candidate: parameter gradients are group sums")
+        traits["param_grads"] = Trait(
+            "param_grads", "n/a", "global-batch candidate: parameter gradients are group sums"
+        )
     return traits
 
 
-_TRAITS_OF = {"running_stats": ("momentum_meaning", "running_var"), "weighting": ("weighting",),
-              "eps": ("eps_placement", "eps_value"), "param_grads": ("param_grads",),
-              "cancellation": ("variance",), "empty_rank": ("empty_rank",)}
+_TRAITS_OF = {
+    "running_stats": ("momentum_meaning", "running_var"),
+    "weighting": ("weighting",),
+    "eps": ("eps_placement", "eps_value"),
+    "param_grads": ("param_grads",),
+    "cancellation": ("variance",),
+    "empty_rank": ("empty_rank",),
+}
 
 
 def _running_traits(case, outs):
@@ -672,21 +798,33 @@ def _running_traits(case, outs):
     mean, var, m = x.mean(0), x.var(0), len(x)
     rm0, rv0 = np.asarray(case.running_mean, np.float64), np.asarray(case.running_var, np.float64)
     p = case.momentum
-    a = float(np.mean([(_col(outs, "running_mean", r) - rm0) / (mean - rm0)
-                       for r in range(len(outs))]))
+    a = float(
+        np.mean([(_col(outs, "running_mean", r) - rm0) / (mean - rm0) for r in range(len(outs))])
+    )
     meaning = _classify(a, {"retain": 1 - p, "update": p}, 0.1) or "unrecognized"
-    mom = Trait("momentum_meaning", meaning,
-                f"batch weight {a:.4g} with momentum {p}: retain gives {1 - p:g}, update {p:g}")
-    ks = [float(np.mean((_col(outs, "running_var", r) - (1 - a) * rv0) / (a * var)))
-          for r in range(len(outs))]
-    kinds = {_classify(k, {"biased": 1.0, "unbiased_global": m / (m - 1),
-                           "unbiased_local": n / (n - 1)}, 0.1)
-             for k, n in zip(ks, case.splits, strict=True)}
+    mom = Trait(
+        "momentum_meaning",
+        meaning,
+        f"batch weight {a:.4g} with momentum {p}: retain gives {1 - p:g}, update {p:g}",
+    )
+    ks = [
+        float(np.mean((_col(outs, "running_var", r) - (1 - a) * rv0) / (a * var)))
+        for r in range(len(outs))
+    ]
+    kinds = {
+        _classify(
+            k, {"biased": 1.0, "unbiased_global": m / (m - 1), "unbiased_local": n / (n - 1)}, 0.1
+        )
+        for k, n in zip(ks, case.splits, strict=True)
+    }
     value = kinds.pop() if len(kinds) == 1 else None
-    rv = Trait("running_var", value or "unrecognized",
-               f"variance correction {', '.join(f'{k:.4g}' for k in ks)} on ranks "
-               f"0..{len(outs) - 1} (m={m}, n={list(case.splits)}): biased 1, "
-               f"unbiased_global m/(m-1)={m / (m - 1):.4g}, unbiased_local n/(n-1)")
+    rv = Trait(
+        "running_var",
+        value or "unrecognized",
+        f"variance correction {', '.join(f'{k:.4g}' for k in ks)} on ranks "
+        f"0..{len(outs) - 1} (m={m}, n={list(case.splits)}): biased 1, "
+        f"unbiased_global m/(m-1)={m / (m - 1):.4g}, unbiased_local n/(n-1)",
+    )
     return [mom, rv]
 
 
@@ -700,13 +838,19 @@ def _weighting_trait(case, outs):
     gap = abs(preds["count"] - preds["equal"])
     kinds = {_classify(c, preds, 0.1 * gap) for c in centres}
     value = kinds.pop() if len(kinds) == 1 else None
-    if value is None and all(abs(c - lm) <= 0.1 * gap for c, lm in zip(centres, local,
-                                                                        strict=True)):
+    if value is None and all(
+        abs(c - lm) <= 0.1 * gap for c, lm in zip(centres, local, strict=True)
+    ):
         value = "unsynchronized"
-    return [Trait("weighting", value or "unrecognized",
-                  f"channel-0 mean used per rank {', '.join(f'{c:.4g}' for c in centres)}: "
-                  f"count {preds['count']:.4g}, equal {preds['equal']:.4g}, "
-                  f"local {', '.join(f'{lm:.4g}' for lm in local)}")]
+    return [
+        Trait(
+            "weighting",
+            value or "unrecognized",
+            f"channel-0 mean used per rank {', '.join(f'{c:.4g}' for c in centres)}: "
+            f"count {preds['count']:.4g}, equal {preds['equal']:.4g}, "
+            f"local {', '.join(f'{lm:.4g}' for lm in local)}",
+        )
+    ]
 
 
 def _eps_traits(case, outs):
@@ -739,11 +883,17 @@ def _param_grads_trait(case, outs):
         near = [k for k, p in preds.items() if np.all(np.abs(db - p) <= 0.05 * np.abs(total))]
         kinds.add(near[0] if len(near) == 1 else None)
     value = kinds.pop() if len(kinds) == 1 else None
-    got = "; ".join(f"rank {r}: {np.round(_col(outs, 'dbias', r), 4).tolist()}"
-                    for r in range(len(outs)))
-    return [Trait("param_grads", value or "unrecognized",
-                  f"dbias {got}: local {[v.tolist() for v in local]}, sum {total.tolist()}, "
-                  f"mean {(total / len(outs)).tolist()}")]
+    got = "; ".join(
+        f"rank {r}: {np.round(_col(outs, 'dbias', r), 4).tolist()}" for r in range(len(outs))
+    )
+    return [
+        Trait(
+            "param_grads",
+            value or "unrecognized",
+            f"dbias {got}: local {[v.tolist() for v in local]}, sum {total.tolist()}, "
+            f"mean {(total / len(outs)).tolist()}",
+        )
+    ]
 
 
 def _variance_trait(case, outs):
@@ -755,33 +905,55 @@ def _variance_trait(case, outs):
     rel = np.abs(found - var) / var
     allowed = {}
     for name, model in (("two_pass", _TWO_PASS), ("stable", _STABLE)):
-        _, d_var = model.statistics_error(np.abs(x).mean(0), (x * x).mean(0), mean, var, m,
-                                          u=model.unit(_F32))
+        _, d_var = model.statistics_error(
+            np.abs(x).mean(0), (x * x).mean(0), mean, var, m, u=model.unit(_F32)
+        )
         allowed[name] = model.safety * d_var / var
     kappa = np.abs(mean) / np.sqrt(var)
-    evidence = (f"relative variance error {', '.join(f'{v:.3g}' for v in rel)} at |mean|/std "
-                f"{', '.join(f'{k:.3g}' for k in kappa)} (float32 bounds: two-pass "
-                f"{', '.join(f'{v:.3g}' for v in allowed['two_pass'])}, per-rank merged "
-                f"{', '.join(f'{v:.3g}' for v in allowed['stable'])})")
+    evidence = (
+        f"relative variance error {', '.join(f'{v:.3g}' for v in rel)} at |mean|/std "
+        f"{', '.join(f'{k:.3g}' for k in kappa)} (float32 bounds: two-pass "
+        f"{', '.join(f'{v:.3g}' for v in allowed['two_pass'])}, per-rank merged "
+        f"{', '.join(f'{v:.3g}' for v in allowed['stable'])})"
+    )
     if np.all(rel <= allowed["two_pass"]):
         return [Trait("variance", "cancellation-free", evidence)]
     if np.all(rel <= allowed["stable"]):
         return [Trait("variance", "per-rank-merged", evidence)]
     u_eff = float(np.nanmax(rel / kappa**2)) if np.all(np.isfinite(rel)) else math.inf
     names = {"float16": 2.0**-11, "float32": 2.0**-24, "float64": 2.0**-53}
-    like = min(names, key=lambda k: abs(math.log2(names[k]) - math.log2(u_eff))) \
-        if 0 < u_eff < math.inf else "NaN/inf outputs"
-    return [Trait("variance", "naive",
-                  f"{evidence}; error/(|mean|/std)^2 = {u_eff:.3g}: E[x^2]-E[x]^2 in ~{like}")]
+    like = (
+        min(names, key=lambda k: abs(math.log2(names[k]) - math.log2(u_eff)))
+        if 0 < u_eff < math.inf
+        else "NaN/inf outputs"
+    )
+    return [
+        Trait(
+            "variance",
+            "naive",
+            f"{evidence}; error/(|mean|/std)^2 = {u_eff:.3g}: E[x^2]-E[x]^2 in ~{like}",
+        )
+    ]
 
 
 def _empty_rank_trait(case, outs):
     """Whether an empty rank is skipped or makes the group NaN (probe ``empty_rank``)."""
     y = np.concatenate([_col(outs, "y", r).reshape(-1) for r in range(len(outs))])
-    value = "nan" if y.size and np.isnan(y).all() else \
-        "skip" if np.isfinite(y).all() else "unrecognized"
-    return [Trait("empty_rank", value, f"rank 0 is empty; {np.isnan(y).sum()} of {y.size} "
-                                       f"y values NaN (Flax: all; the others: none)")]
+    value = (
+        "nan"
+        if y.size and np.isnan(y).all()
+        else "skip"
+        if np.isfinite(y).all()
+        else "unrecognized"
+    )
+    return [
+        Trait(
+            "empty_rank",
+            value,
+            f"rank 0 is empty; {np.isnan(y).sum()} of {y.size} "
+            f"y values NaN (Flax: all; the others: none)",
+        )
+    ]
 
 
 def _presets(traits) -> tuple:
@@ -799,36 +971,72 @@ def _presets(traits) -> tuple:
         value = traits["variance"].value if "variance" in traits else "not probed"
         return not (value == "naive" and _PRESET_VARIANCE.get(name) == "stable")
 
-    return tuple(name for name, conv in CONVENTIONS.items()
-                 if all(v in ("n/a", "not probed") or getattr(conv, k) == v
-                        for k, v in got.items()) and eps_ok(conv) and variance_ok(name))
+    return tuple(
+        name
+        for name, conv in CONVENTIONS.items()
+        if all(v in ("n/a", "not probed") or getattr(conv, k) == v for k, v in got.items())
+        and eps_ok(conv)
+        and variance_ok(name)
+    )
 
 
 def add_arguments(parser) -> None:
     """Arguments of the ``check`` subcommand."""
-    parser.add_argument("candidate_dir", type=Path, nargs="?",
-                        help="candidate outputs: CANDIDATE_DIR/<case>/rank{r}.npz")
-    parser.add_argument("cases_dir", type=Path, nargs="?",
-                        help="case files CASES_DIR/<case>.npz (e.g. from --write-probes)")
-    parser.add_argument("--write-probes", type=Path, metavar="DIR",
-                        help="write the probe cases to DIR and exit")
-    parser.add_argument("--expect", default="reference", choices=tuple(CONVENTIONS),
-                        help="convention the probes written by --write-probes expect")
-    parser.add_argument("--accumulation", default=None,
-                        choices=("float64", "float32", "bfloat16", "float16"),
-                        help="the candidate's accumulation precision (error model; default: "
-                             "the data's, at least float32)")
-    parser.add_argument("--variance", default="stable", choices=("stable", "two_pass", "naive"),
-                        help="the candidate's variance algorithm (error model): stable "
-                             "(cancellation-free, per-rank merges included), two_pass, or naive "
-                             "(E[x^2] - E[x]^2 allowance)")
-    parser.add_argument("--summation", default="pairwise", choices=("pairwise", "recursive"),
-                        help="the candidate's summation order (error model)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="list every case, rank and output instead of the summary")
+    parser.add_argument(
+        "candidate_dir",
+        type=Path,
+        nargs="?",
+        help="candidate outputs: CANDIDATE_DIR/<case>/rank{r}.npz",
+    )
+    parser.add_argument(
+        "cases_dir",
+        type=Path,
+        nargs="?",
+        help="case files CASES_DIR/<case>.npz (e.g. from --write-probes)",
+    )
+    parser.add_argument(
+        "--write-probes", type=Path, metavar="DIR", help="write the probe cases to DIR and exit"
+    )
+    parser.add_argument(
+        "--expect",
+        default="reference",
+        choices=tuple(CONVENTIONS),
+        help="convention the probes written by --write-probes expect",
+    )
+    parser.add_argument(
+        "--accumulation",
+        default=None,
+        choices=("float64", "float32", "bfloat16", "float16"),
+        help="the candidate's accumulation precision (error model; default: "
+        "the data's, at least float32)",
+    )
+    parser.add_argument(
+        "--variance",
+        default="stable",
+        choices=("stable", "two_pass", "naive"),
+        help="the candidate's variance algorithm (error model): stable "
+        "(cancellation-free, per-rank merges included), two_pass, or naive "
+        "(E[x^2] - E[x]^2 allowance)",
+    )
+    parser.add_argument(
+        "--summation",
+        default="pairwise",
+        choices=("pairwise", "recursive"),
+        help="the candidate's summation order (error model)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="list every case, rank and output instead of the summary",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write a JSON report")
-    parser.add_argument("--junit-xml", type=Path, metavar="PATH",
-                        help="also write a JUnit XML report (one testcase per case)")
+    parser.add_argument(
+        "--junit-xml",
+        type=Path,
+        metavar="PATH",
+        help="also write a JUnit XML report (one testcase per case)",
+    )
 
 
 def _error(message) -> int:
@@ -848,14 +1056,18 @@ def main(args) -> int:
         for path in paths:
             print(path)
         out = args.write_probes.parent / "outputs"
-        print(f"next: answer each case with OUT/<case>/rank{{r}}.npz (python -m refsyncbn run "
-              f"{paths[0]} {out / paths[0].stem} --world {WORLD_SIZE} shows the layout), then:\n"
-              f"  python -m refsyncbn check {out} {args.write_probes}")
+        print(
+            f"next: answer each case with OUT/<case>/rank{{r}}.npz (python -m refsyncbn run "
+            f"{paths[0]} {out / paths[0].stem} --world {WORLD_SIZE} shows the layout), then:\n"
+            f"  python -m refsyncbn check {out} {args.write_probes}"
+        )
         return 0
     if args.cases_dir is None:
         return _error("give CANDIDATE_DIR and CASES_DIR, or --write-probes DIR")
-    for label, path, holds in (("CANDIDATE_DIR", args.candidate_dir, "<case>/rank{r}.npz"),
-                               ("CASES_DIR", args.cases_dir, "<case>.npz case files")):
+    for label, path, holds in (
+        ("CANDIDATE_DIR", args.candidate_dir, "<case>/rank{r}.npz"),
+        ("CASES_DIR", args.cases_dir, "<case>.npz case files"),
+    ):
         if not path.is_dir():
             return _error(f"{label} {path} is not a directory; expected a directory of {holds}")
     model = ErrorModel(args.accumulation, args.variance, args.summation)

@@ -37,8 +37,10 @@ def _group_rows(case, conv, group, axis):
     """
     shards = [case.shard(r) for r in group]
     xs = [_rows(s["x"], axis) for s in shards]
-    valid = [np.ones(len(x), bool) if "mask" not in s else s["mask"].reshape(-1)
-             for x, s in zip(xs, shards, strict=True)]
+    valid = [
+        np.ones(len(x), bool) if "mask" not in s else s["mask"].reshape(-1)
+        for x, s in zip(xs, shards, strict=True)
+    ]
     counts = [int(v.sum()) for v in valid]
     m, nonempty = sum(counts), sum(n > 0 for n in counts)
     if conv.weighting == "count":
@@ -102,7 +104,9 @@ def expected_outputs(case, *, param_grads=None) -> list[dict]:
         # Ioffe-Szegedy chain rule with statistic weights om (d mean/dx_i = om_i).
         dxhat_all = dy_all * w
         dvar = (dxhat_all * (x_all - mean)).sum(0) * -0.5 * invstd**3
-        dmean = (dxhat_all * -invstd).sum(0) + dvar * (-2.0 * (om_all[:, None] * (x_all - mean)).sum(0))
+        dmean = (dxhat_all * -invstd).sum(0) + dvar * (
+            -2.0 * (om_all[:, None] * (x_all - mean)).sum(0)
+        )
         dw_group = (dy_all * (x_all - mean) * invstd).sum(0)
         db_group = dy_all.sum(0)
         for r, x, om, dy in zip(group, xs, omega, dys, strict=True):
@@ -135,5 +139,7 @@ def _running(conv, case, rm0, rv0, mean, var, m, n) -> dict:
         else:
             batch_var = var * (k / (k - 1)) if k > 1 else var
     keep = case.momentum if conv.momentum_meaning == "retain" else 1.0 - case.momentum
-    return {"running_mean": keep * rm0 + (1.0 - keep) * mean,
-            "running_var": keep * rv0 + (1.0 - keep) * batch_var}
+    return {
+        "running_mean": keep * rm0 + (1.0 - keep) * mean,
+        "running_var": keep * rv0 + (1.0 - keep) * batch_var,
+    }

@@ -24,22 +24,37 @@ _SUITE = Path(__file__).with_name("suite.py")
 def pytest_addoption(parser):
     """The ``--refsyncbn-*`` options."""
     group = parser.getgroup("refsyncbn", "SyncBatchNorm conformance suite (refsyncbn)")
-    group.addoption("--refsyncbn-candidate", metavar="MODULE:FUNCTION", default=None,
-                    help="run the refsyncbn conformance suite against this callable "
-                         "(refsyncbn.testing.Candidate protocol) instead of the given paths")
-    group.addoption("--refsyncbn-expect", metavar="PRESET", default="reference",
-                    help="the convention the candidate follows (a refsyncbn preset name; "
-                         "default: reference)")
-    group.addoption("--refsyncbn-variance", default="stable",
-                    choices=("stable", "two_pass", "naive"),
-                    help="the candidate's variance algorithm for the error model "
-                         "(naive: an E[x^2] - E[x]^2 allowance)")
-    group.addoption("--refsyncbn-accumulation", default=None,
-                    choices=("float64", "float32", "bfloat16", "float16"),
-                    help="the candidate's accumulation precision (default: the data's, at "
-                         "least float32)")
-    group.addoption("--refsyncbn-global-batch", action="store_true",
-                    help="the candidate is a single-process, global-batch implementation")
+    group.addoption(
+        "--refsyncbn-candidate",
+        metavar="MODULE:FUNCTION",
+        default=None,
+        help="run the refsyncbn conformance suite against this callable "
+        "(refsyncbn.testing.Candidate protocol) instead of the given paths",
+    )
+    group.addoption(
+        "--refsyncbn-expect",
+        metavar="PRESET",
+        default="reference",
+        help="the convention the candidate follows (a refsyncbn preset name; default: reference)",
+    )
+    group.addoption(
+        "--refsyncbn-variance",
+        default="stable",
+        choices=("stable", "two_pass", "naive"),
+        help="the candidate's variance algorithm for the error model "
+        "(naive: an E[x^2] - E[x]^2 allowance)",
+    )
+    group.addoption(
+        "--refsyncbn-accumulation",
+        default=None,
+        choices=("float64", "float32", "bfloat16", "float16"),
+        help="the candidate's accumulation precision (default: the data's, at least float32)",
+    )
+    group.addoption(
+        "--refsyncbn-global-batch",
+        action="store_true",
+        help="the candidate is a single-process, global-batch implementation",
+    )
 
 
 def load_candidate(spec: str):
@@ -85,6 +100,8 @@ def pytest_report_header(config):
     spec = config.getoption("refsyncbn_candidate")
     if spec is None:
         return None
-    return (f"refsyncbn: conformance suite for {spec} (expect "
-            f"{config.getoption('refsyncbn_expect')!r}, variance "
-            f"{config.getoption('refsyncbn_variance')!r})")
+    return (
+        f"refsyncbn: conformance suite for {spec} (expect "
+        f"{config.getoption('refsyncbn_expect')!r}, variance "
+        f"{config.getoption('refsyncbn_variance')!r})"
+    )

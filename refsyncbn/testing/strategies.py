@@ -54,8 +54,14 @@ from ..layouts import DATA_FORMATS, get_layout
 __all__ = ["DTYPES", "HARD_REGIMES", "REGIMES", "cases", "hard_cases", "process_groups"]
 
 DTYPES = ("float16", "float32", "float64")
-REGIMES = ("generic", "cancellation", "tiny_variance", "one_sample", "float16_overflow",
-           "huge_count")
+REGIMES = (
+    "generic",
+    "cancellation",
+    "tiny_variance",
+    "one_sample",
+    "float16_overflow",
+    "huge_count",
+)
 HARD_REGIMES = REGIMES[1:]
 
 
@@ -90,9 +96,23 @@ def _cut(perm_and_cuts) -> list[list[int]]:
     return [list(perm[a:b]) for a, b in itertools.pairwise(edges)]
 
 
-def cases(*, regime="generic", world_sizes=(1, 2, 3, 4), data_formats=DATA_FORMATS,
-          dtypes=DTYPES, conventions=None, affine=None, training=None, dy=None, mask=None,
-          groups=True, empty_ranks=True, max_channels=3, max_local_batch=3, max_spatial=9):
+def cases(
+    *,
+    regime="generic",
+    world_sizes=(1, 2, 3, 4),
+    data_formats=DATA_FORMATS,
+    dtypes=DTYPES,
+    conventions=None,
+    affine=None,
+    training=None,
+    dy=None,
+    mask=None,
+    groups=True,
+    empty_ranks=True,
+    max_channels=3,
+    max_local_batch=3,
+    max_spatial=9,
+):
     """Strategy of :class:`refsyncbn.cases.Case` objects.
 
     Parameters
@@ -148,12 +168,18 @@ def cases(*, regime="generic", world_sizes=(1, 2, 3, 4), data_formats=DATA_FORMA
     if conventions is None:
         conventions = [c for c in CONVENTIONS if regime != "one_sample" or _finite_alone(c)]
     _check_choice("conventions", conventions, tuple(CONVENTIONS))
-    if (isinstance(world_sizes, (str, int)) or not world_sizes
-            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in world_sizes)):
+    if (
+        isinstance(world_sizes, (str, int))
+        or not world_sizes
+        or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in world_sizes)
+    ):
         msg = f"world_sizes is {world_sizes!r}; expected a non-empty sequence of ints >= 1"
         raise ValueError(msg)
-    for name, value in (("max_channels", max_channels), ("max_local_batch", max_local_batch),
-                        ("max_spatial", max_spatial)):
+    for name, value in (
+        ("max_channels", max_channels),
+        ("max_local_batch", max_local_batch),
+        ("max_spatial", max_spatial),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             msg = f"{name} is {value!r}; expected an int >= 1"
             raise ValueError(msg)
@@ -162,12 +188,22 @@ def cases(*, regime="generic", world_sizes=(1, 2, 3, 4), data_formats=DATA_FORMA
             msg = f"regime 'float16_overflow' needs 'float16' in dtypes; got {list(dtypes)}"
             raise ValueError(msg)
         dtypes = ["float16"]
-    return _cases(regime=regime, world_sizes=sorted(world_sizes),
-                  data_formats=list(data_formats), dtypes=list(dtypes),
-                  conventions=list(conventions), affine=_flag(affine), training=_flag(training),
-                  dy=_flag(dy), mask=_flag(mask), groups=groups, empty_ranks=empty_ranks,
-                  max_channels=max_channels, max_local_batch=max_local_batch,
-                  max_spatial=max_spatial)
+    return _cases(
+        regime=regime,
+        world_sizes=sorted(world_sizes),
+        data_formats=list(data_formats),
+        dtypes=list(dtypes),
+        conventions=list(conventions),
+        affine=_flag(affine),
+        training=_flag(training),
+        dy=_flag(dy),
+        mask=_flag(mask),
+        groups=groups,
+        empty_ranks=empty_ranks,
+        max_channels=max_channels,
+        max_local_batch=max_local_batch,
+        max_spatial=max_spatial,
+    )
 
 
 def hard_cases(**kwargs):
@@ -195,8 +231,7 @@ def hard_cases(**kwargs):
             continue
         if r == "one_sample" and not single:
             continue
-        chosen.append(cases(regime=r, conventions=single if r == "one_sample" else names,
-                            **kwargs))
+        chosen.append(cases(regime=r, conventions=single if r == "one_sample" else names, **kwargs))
     return st.one_of(chosen)
 
 
@@ -223,8 +258,24 @@ def _flag(value):
 
 
 @st.composite
-def _cases(draw, *, regime, world_sizes, data_formats, dtypes, conventions, affine, training,
-           dy, mask, groups, empty_ranks, max_channels, max_local_batch, max_spatial):
+def _cases(
+    draw,
+    *,
+    regime,
+    world_sizes,
+    data_formats,
+    dtypes,
+    conventions,
+    affine,
+    training,
+    dy,
+    mask,
+    groups,
+    empty_ranks,
+    max_channels,
+    max_local_batch,
+    max_spatial,
+):
     """The composite behind :func:`cases` (arguments already validated)."""
     world = draw(st.sampled_from(world_sizes))
     fmt = draw(st.sampled_from(data_formats))
@@ -250,12 +301,14 @@ def _cases(draw, *, regime, world_sizes, data_formats, dtypes, conventions, affi
     # An empty rank makes every statistic of an empty_rank="nan" group NaN
     # (Flax); those conventions get none here (tests/test_conventions.py has them).
     empty_ranks = empty_ranks and conv.empty_rank == "skip"
-    splits = draw(_splits(world, members, regime, empty_ranks, max_local_batch,
-                          -(-min_count // inner)))
+    splits = draw(
+        _splits(world, members, regime, empty_ranks, max_local_batch, -(-min_count // inner))
+    )
     if huge:
         total = draw(st.integers(4096, 16384))
-        shares = draw(st.lists(st.integers(0 if empty_ranks else 1, 8),
-                               min_size=world, max_size=world))
+        shares = draw(
+            st.lists(st.integers(0 if empty_ranks else 1, 8), min_size=world, max_size=world)
+        )
         splits = _spread(-(-total // inner), shares, splits, members)
 
     shape = [sum(splits), *spatial]
@@ -277,9 +330,22 @@ def _cases(draw, *, regime, world_sizes, data_formats, dtypes, conventions, affi
     rv = (scale**2 * rng.uniform(0.5, 2.0, stat_shape)).astype(dtype)
     g = rng.normal(size=shape).astype(dtype) if draw(dy) else None
     momentum = draw(st.sampled_from((conv.momentum, 0.0, 0.5, 1.0)))
-    return Case(x=x, running_mean=rm, running_var=rv, splits=tuple(splits), data_format=fmt,
-                convention=conv_name, eps=conv.eps, momentum=momentum, training=draw(training),
-                weight=w, bias=b, dy=g, mask=m, groups=group_list)
+    return Case(
+        x=x,
+        running_mean=rm,
+        running_var=rv,
+        splits=tuple(splits),
+        data_format=fmt,
+        convention=conv_name,
+        eps=conv.eps,
+        momentum=momentum,
+        training=draw(training),
+        weight=w,
+        bias=b,
+        dy=g,
+        mask=m,
+        groups=group_list,
+    )
 
 
 @st.composite
@@ -316,6 +382,7 @@ def _spread(samples, shares, floor, members):
 
 def _channel_moments(draw, regime, c, eps):
     """Per-channel (mean, std) of the data, float64 ``(C,)`` each."""
+
     def floats(lo, hi):
         return np.array(draw(st.lists(st.floats(lo, hi), min_size=c, max_size=c)))
 

@@ -114,8 +114,12 @@ __all__ = [
     "unit_roundoff",
 ]
 
-_UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24,
-                  "float64": 2.0**-53}
+_UNIT_ROUNDOFF = {
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+    "float32": 2.0**-24,
+    "float64": 2.0**-53,
+}
 _VARIANCES = ("stable", "two_pass", "naive")
 _SUMMATIONS = ("pairwise", "recursive")
 _CHANNEL_VECTORS = ("dweight", "dbias", "running_mean", "running_var")
@@ -267,16 +271,32 @@ class ErrorModel:
         out: list = [None] * case.world_size
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for group in case.groups or [list(range(case.world_size))]:
-                self._group_bounds(case, conv, pg, group, expected, out, axis=axis, u=u,
-                                   u_out=u_out, tiny_out=tiny_out, u_rs=u_rs, tiny_rs=tiny_rs,
-                                   w=w, b=b)
+                self._group_bounds(
+                    case,
+                    conv,
+                    pg,
+                    group,
+                    expected,
+                    out,
+                    axis=axis,
+                    u=u,
+                    u_out=u_out,
+                    tiny_out=tiny_out,
+                    u_rs=u_rs,
+                    tiny_rs=tiny_rs,
+                    w=w,
+                    b=b,
+                )
         # 0 * inf (an exact zero times a term the model cannot bound) is NaN:
         # it means "no promise", like inf.
-        return [{k: None if v is None else np.where(np.isnan(v), np.inf, v)
-                 for k, v in res.items()} for res in out]
+        return [
+            {k: None if v is None else np.where(np.isnan(v), np.inf, v) for k, v in res.items()}
+            for res in out
+        ]
 
-    def _group_bounds(self, case, conv, pg, group, expected, out, *, axis, u, u_out, tiny_out,
-                      u_rs, tiny_rs, w, b):
+    def _group_bounds(
+        self, case, conv, pg, group, expected, out, *, axis, u, u_out, tiny_out, u_rs, tiny_rs, w, b
+    ):
         """Fill ``out[r]`` for every rank ``r`` of ``group`` (see the module docstring)."""
         shards, xs, valid, counts, omegas = _group_rows(case, conv, group, axis)
         m, positions = sum(counts), sum(len(x) for x in xs)
@@ -295,17 +315,32 @@ class ErrorModel:
         rho = d_var / denom + 2 * u
         rho = np.where(rho < 0.5, rho, np.inf)  # NaN (0/0) also means "no bound"
         xhats = [(x - mean) * invstd for x in xs]
-        d_xhats = [d_mean * invstd + np.abs(xh) * rho / 2
-                   + 2 * u * (np.abs(x) + np.abs(mean)) * invstd
-                   for x, xh in zip(xs, xhats, strict=True)]
+        d_xhats = [
+            d_mean * invstd + np.abs(xh) * rho / 2 + 2 * u * (np.abs(x) + np.abs(mean)) * invstd
+            for x, xh in zip(xs, xhats, strict=True)
+        ]
         s = self.safety
         for r, shard, xh, dxh in zip(group, shards, xhats, d_xhats, strict=True):
             y = _rows(expected[r]["y"], axis)
             bound = w * dxh + 2 * u * (w * np.abs(xh) + b) + 2 * u_out * np.abs(y)
             out[r] = {"y": _unrows(s * bound + tiny_out, shard["x"].shape, axis)}
-            out[r].update(self._running_bounds(case, conv, r, mean, var, d_mean, d_var, m,
-                                               counts[group.index(r)], expected, u=u, u_rs=u_rs,
-                                               tiny=tiny_rs))
+            out[r].update(
+                self._running_bounds(
+                    case,
+                    conv,
+                    r,
+                    mean,
+                    var,
+                    d_mean,
+                    d_var,
+                    m,
+                    counts[group.index(r)],
+                    expected,
+                    u=u,
+                    u_rs=u_rs,
+                    tiny=tiny_rs,
+                )
+            )
         if case.dy is None:
             for r in group:
                 out[r].update(dx=None, dweight=None, dbias=None)
@@ -323,8 +358,9 @@ class ErrorModel:
             om = (omegas[i] * valid[i][:, None]) if case.training else 0.0
             dy, xh, dxh = dys[i], xhats[i], d_xhats[i]
             dx = np.abs(_rows(expected[r]["dx"], axis))
-            inner = (om * (d_a + np.abs(xh) * d_b + np.abs(b_sum) * dxh)
-                     + 3 * u * (np.abs(dy) + om * (np.abs(a_sum) + np.abs(xh * b_sum))))
+            inner = om * (d_a + np.abs(xh) * d_b + np.abs(b_sum) * dxh) + 3 * u * (
+                np.abs(dy) + om * (np.abs(a_sum) + np.abs(xh * b_sum))
+            )
             bound = dx * (rho / 2 + u) + w * invstd * inner + 2 * u_out * dx
             out[r]["dx"] = _unrows(s * bound + tiny_out, shards[i]["x"].shape, axis)
             if case.weight is None:
@@ -342,8 +378,9 @@ class ErrorModel:
                 mag = np.abs(np.asarray(expected[r][key], np.float64))
                 out[r][key] = s * (d + 2 * u_p * mag) + tiny_p
 
-    def _running_bounds(self, case, conv, r, mean, var, d_mean, d_var, m, n, expected, *,
-                        u, u_rs, tiny) -> dict:
+    def _running_bounds(
+        self, case, conv, r, mean, var, d_mean, d_var, m, n, expected, *, u, u_rs, tiny
+    ) -> dict:
         """Bounds of rank ``r``'s new running statistics (item 7 of the model)."""
         rm0 = np.abs(np.asarray(case.running_mean, np.float64))
         rv0 = np.abs(np.asarray(case.running_var, np.float64))
@@ -391,8 +428,10 @@ class QuantityCheck:
             where += f", channel {self.channel}"
         if self.problem:
             return f"{where}: {self.problem}"
-        return (f"{where}: |error| {self.error:.3g} at index {self.index} is "
-                f"{self.ratio:.3g} x the bound {self.bound:.3g}")
+        return (
+            f"{where}: |error| {self.error:.3g} at index {self.index} is "
+            f"{self.ratio:.3g} x the bound {self.bound:.3g}"
+        )
 
 
 def compare_outputs(actual, expected, bounds, *, data_format) -> list[QuantityCheck]:
@@ -418,8 +457,16 @@ def compare_outputs(actual, expected, bounds, *, data_format) -> list[QuantityCh
     for r, (act, exp, bnd) in enumerate(zip(actual, expected, bounds, strict=True)):
         for key in RESULT_KEYS:
             if exp.get(key) is not None:
-                checks.append(_compare_one(r, key, act.get(key), exp[key], bnd[key],
-                                           0 if key in _CHANNEL_VECTORS else axis))
+                checks.append(
+                    _compare_one(
+                        r,
+                        key,
+                        act.get(key),
+                        exp[key],
+                        bnd[key],
+                        0 if key in _CHANNEL_VECTORS else axis,
+                    )
+                )
     return checks
 
 
@@ -444,15 +491,22 @@ def _compare_one(rank, key, actual, expected, bound, axis) -> QuantityCheck:
     index = tuple(int(i) for i in np.unravel_index(flat, expected.shape))
     problem = ""
     if not np.isfinite(err.flat[flat]):
-        problem = (f"{actual.flat[flat]} at index {index} where {expected.flat[flat]} "
-                   f"is expected")
-    return QuantityCheck(rank, key, float(ratio.flat[flat]), float(err.flat[flat]),
-                         float(np.broadcast_to(bound, expected.shape).flat[flat]), index,
-                         index[axis], problem)
+        problem = f"{actual.flat[flat]} at index {index} where {expected.flat[flat]} is expected"
+    return QuantityCheck(
+        rank,
+        key,
+        float(ratio.flat[flat]),
+        float(err.flat[flat]),
+        float(np.broadcast_to(bound, expected.shape).flat[flat]),
+        index,
+        index[axis],
+        problem,
+    )
 
 
-def assert_sync_batch_norm_close(actual: Sequence[Mapping], case, *, model=None, expected=None,
-                                 param_grads=None) -> list[QuantityCheck]:
+def assert_sync_batch_norm_close(
+    actual: Sequence[Mapping], case, *, model=None, expected=None, param_grads=None
+) -> list[QuantityCheck]:
     """Assert that every rank's outputs are within the error model's bounds.
 
     Parameters
@@ -509,15 +563,18 @@ def assert_sync_batch_norm_close(actual: Sequence[Mapping], case, *, model=None,
     checks = compare_outputs(actual, expected, bounds, data_format=case.data_format)
     failed = sorted((c for c in checks if not c.passed), key=lambda c: -c.ratio)
     if failed:
-        lines = [f"{len(failed)} of {len(checks)} output(s) of {case.world_size} rank(s) outside "
-                 f"the error bound ({model}):"]
+        lines = [
+            f"{len(failed)} of {len(checks)} output(s) of {case.world_size} rank(s) outside "
+            f"the error bound ({model}):"
+        ]
         lines += [f"  {c.describe()}" for c in failed]
         raise AssertionError("\n".join(lines))
     return checks
 
 
-def assert_output_close(actual, case, output="y", *, rank=0, model=None,
-                        param_grads=None) -> QuantityCheck:
+def assert_output_close(
+    actual, case, output="y", *, rank=0, model=None, param_grads=None
+) -> QuantityCheck:
     """Assert that ONE output array of one rank is within the error model's bound.
 
     The one-array counterpart of :func:`assert_sync_batch_norm_close`, in the

@@ -103,11 +103,20 @@ def _base_case(index: int, spec, convention: str) -> Case:
     if "mask" in options:
         kwargs["mask"] = _values(seed + 500, layout.mask_shape(shape)) < 0.5
         kwargs["mask"].reshape(-1)[::3] = True
-    return Case(x=x, running_mean=_values(seed + 600, (c,)).astype(dtype),
-                running_var=_values(seed + 700, (c,), 0.5, 1.5).astype(dtype), splits=splits,
-                data_format=data_format, convention=convention, eps=conv.eps,
-                momentum=conv.momentum, training="eval" not in options,
-                dy=_values(seed + 800, shape).astype(dtype), groups=groups, **kwargs)
+    return Case(
+        x=x,
+        running_mean=_values(seed + 600, (c,)).astype(dtype),
+        running_var=_values(seed + 700, (c,), 0.5, 1.5).astype(dtype),
+        splits=splits,
+        data_format=data_format,
+        convention=convention,
+        eps=conv.eps,
+        momentum=conv.momentum,
+        training="eval" not in options,
+        dy=_values(seed + 800, shape).astype(dtype),
+        groups=groups,
+        **kwargs,
+    )
 
 
 def golden_cases() -> dict[str, Case]:
@@ -121,8 +130,11 @@ def golden_cases() -> dict[str, Case]:
     >>> cases["nc-f64-groups-torch"].groups
     [[0, 2], [1, 3]]
     """
-    return {f"{base}-{conv}": _base_case(i, spec, conv)
-            for i, (base, spec) in enumerate(BASES.items()) for conv in CONVENTIONS}
+    return {
+        f"{base}-{conv}": _base_case(i, spec, conv)
+        for i, (base, spec) in enumerate(BASES.items())
+        for conv in CONVENTIONS
+    }
 
 
 def _write_zip(path: Path, writer, *args, **kwargs) -> None:
@@ -130,8 +142,10 @@ def _write_zip(path: Path, writer, *args, **kwargs) -> None:
     raw = io.BytesIO()
     writer(raw, *args, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as src, \
-            zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+    with (
+        zipfile.ZipFile(io.BytesIO(raw.getvalue())) as src,
+        zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst,
+    ):
         for name in src.namelist():
             info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
             info.external_attr = 0o644 << 16
@@ -139,9 +153,14 @@ def _write_zip(path: Path, writer, *args, **kwargs) -> None:
 
 
 def _describe(arrays: dict, bounds: dict) -> dict:
-    return {k: {"shape": list(np.shape(v)), "dtype": "float64",
-                "tolerance": float(np.min(bounds[k])) if np.size(bounds[k]) else None}
-            for k, v in arrays.items()}
+    return {
+        k: {
+            "shape": list(np.shape(v)),
+            "dtype": "float64",
+            "tolerance": float(np.min(bounds[k])) if np.size(bounds[k]) else None,
+        }
+        for k, v in arrays.items()
+    }
 
 
 def write_vectors(out_dir) -> dict:
@@ -162,32 +181,57 @@ def write_vectors(out_dir) -> dict:
         ranks = []
         for r, (exp, bnd) in enumerate(zip(expected, bounds, strict=True)):
             outs = {k: np.asarray(exp[k], np.float64) for k in bnd if exp.get(k) is not None}
-            files = {"expected": f"expected/{name}/rank{r}.npz",
-                     "bounds": f"bounds/{name}/rank{r}.npz"}
+            files = {
+                "expected": f"expected/{name}/rank{r}.npz",
+                "bounds": f"bounds/{name}/rank{r}.npz",
+            }
             _write_zip(out_dir / files["expected"], write_result, **outs)
-            _write_zip(out_dir / files["bounds"], write_result,
-                       **{k: bnd[k] for k in outs})
+            _write_zip(out_dir / files["bounds"], write_result, **{k: bnd[k] for k in outs})
             ranks.append({"rank": r, **files, "outputs": _describe(outs, bnd)})
         layout = get_layout(case.data_format)
-        entries.append({
-            "name": name, "base": name[:-len(case.convention) - 1], "file": f"cases/{name}.npz",
-            "convention": case.convention, "data_format": case.data_format,
-            "channel_axis": layout.channel_axis, "dtype": case.x.dtype.name,
-            "shape": list(case.x.shape), "splits": list(case.splits), "groups": case.groups,
-            "eps": case.eps, "momentum": case.momentum, "training": case.training,
-            "affine": case.weight is not None, "dy": case.dy is not None,
-            "mask": case.mask is not None,
-            "rules": {k: getattr(conv, k) for k in ("momentum_meaning", "running_var",
-                                                    "weighting", "param_grads")},
-            "ranks": ranks})
-    digests = {str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-               for sub in ("cases", "expected", "bounds")
-               for p in sorted((out_dir / sub).rglob("*.npz"))}
-    manifest = {"format": "refsyncbn golden vectors", "version": VERSION, "case_schema": SCHEMA,
-                "error_model": {"accumulation": _MODEL.accumulation,
-                                "variance": _MODEL.variance, "summation": _MODEL.summation,
-                                "safety": _MODEL.safety},
-                "cases": entries, "sha256": digests}
+        entries.append(
+            {
+                "name": name,
+                "base": name[: -len(case.convention) - 1],
+                "file": f"cases/{name}.npz",
+                "convention": case.convention,
+                "data_format": case.data_format,
+                "channel_axis": layout.channel_axis,
+                "dtype": case.x.dtype.name,
+                "shape": list(case.x.shape),
+                "splits": list(case.splits),
+                "groups": case.groups,
+                "eps": case.eps,
+                "momentum": case.momentum,
+                "training": case.training,
+                "affine": case.weight is not None,
+                "dy": case.dy is not None,
+                "mask": case.mask is not None,
+                "rules": {
+                    k: getattr(conv, k)
+                    for k in ("momentum_meaning", "running_var", "weighting", "param_grads")
+                },
+                "ranks": ranks,
+            }
+        )
+    digests = {
+        str(p.relative_to(out_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for sub in ("cases", "expected", "bounds")
+        for p in sorted((out_dir / sub).rglob("*.npz"))
+    }
+    manifest = {
+        "format": "refsyncbn golden vectors",
+        "version": VERSION,
+        "case_schema": SCHEMA,
+        "error_model": {
+            "accumulation": _MODEL.accumulation,
+            "variance": _MODEL.variance,
+            "summation": _MODEL.summation,
+            "safety": _MODEL.safety,
+        },
+        "cases": entries,
+        "sha256": digests,
+    }
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     (out_dir / "manifest.json").write_text(text, encoding="utf-8")
     return manifest
@@ -201,6 +245,8 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     """Write the vectors and say where; 0 on success."""
     manifest = write_vectors(args.out_dir)
-    print(f"refsyncbn vectors v{VERSION}: {len(manifest['cases'])} cases, "
-          f"{len(manifest['sha256'])} files, manifest {args.out_dir / 'manifest.json'}")
+    print(
+        f"refsyncbn vectors v{VERSION}: {len(manifest['cases'])} cases, "
+        f"{len(manifest['sha256'])} files, manifest {args.out_dir / 'manifest.json'}"
+    )
     return 0

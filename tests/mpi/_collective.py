@@ -28,8 +28,9 @@ class Verdict:
             self.expect(needle in str(exc), f"{what}: message {str(exc)!r} lacks {needle!r}")
             return str(exc)
         except Exception as exc:  # reported as a failure
-            self.failures.append(f"{what}: raised {type(exc).__name__}: {exc}, expected "
-                                 f"{exc_type.__name__}")
+            self.failures.append(
+                f"{what}: raised {type(exc).__name__}: {exc}, expected {exc_type.__name__}"
+            )
             return str(exc)
         self.failures.append(f"{what}: raised nothing, expected {exc_type.__name__}")
         return ""

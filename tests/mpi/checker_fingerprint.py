@@ -17,12 +17,15 @@ def main():
 
     comm = MPIComm()
     result = {}
-    for name, candidate, expect in (("torch", reference_candidate("torch"), "torch"),
-                                    ("float32_sumsq", lowprec_candidate("float32", "sumsq"),
-                                     "reference")):
+    for name, candidate, expect in (
+        ("torch", reference_candidate("torch"), "torch"),
+        ("float32_sumsq", lowprec_candidate("float32", "sumsq"), "reference"),
+    ):
         report = check(candidate, expect=expect, comm=comm)
-        result[name] = {"passed": report.passed,
-                        "fingerprint": {k: t.value for k, t in report.fingerprint.items()}}
+        result[name] = {
+            "passed": report.passed,
+            "fingerprint": {k: t.value for k, t in report.fingerprint.items()},
+        }
     if comm.rank == 0:
         print("RESULT " + json.dumps(result, sort_keys=True))
 

@@ -23,7 +23,7 @@ import numpy as np
 
 def _buffer(rank):
     """Rank ``rank``'s float64 buffer: rank order changes the rounded sum."""
-    return np.array([1e16 if rank == 0 else 1.0, 0.1 * (rank + 1), -(2.0 ** -rank)])
+    return np.array([1e16 if rank == 0 else 1.0, 0.1 * (rank + 1), -(2.0**-rank)])
 
 
 def _ordered_sum(size):
@@ -45,9 +45,14 @@ class FakeGPUArray:
 
     @property
     def __cuda_array_interface__(self):
-        return {"shape": self._host.shape, "typestr": self._host.dtype.str,
-                "data": (self._host.ctypes.data, False), "strides": None, "version": 3,
-                "stream": None}
+        return {
+            "shape": self._host.shape,
+            "typestr": self._host.dtype.str,
+            "data": (self._host.ctypes.data, False),
+            "strides": None,
+            "version": 3,
+            "stream": None,
+        }
 
     def __getitem__(self, key):
         return type(self)(self._host[key])
@@ -67,7 +72,8 @@ def _fake_namespace(cls):
         concat=lambda arrays, axis: cls(np.concatenate([a._host for a in arrays], axis=axis)),
         broadcast_to=lambda a, shape: cls(np.broadcast_to(a._host, shape)),
         permute_dims=lambda a, axes: cls(np.transpose(a._host, axes)),
-        reshape=lambda a, shape: cls(np.reshape(a._host, shape)))
+        reshape=lambda a, shape: cls(np.reshape(a._host, shape)),
+    )
 
 
 def _ordered_fn(records, *, xp):
@@ -88,8 +94,10 @@ def check_device_combine(v, comm, fake_xp):
         want = _ordered_fn(np.stack(comm.mpi_comm.allgather(record)), xp=np)
         got = comm.combine(FakeGPUArray(record), _ordered_fn, xp=fake_xp)
         path = "gather" if block_width(comm.size, 2, c) is None else "owner"
-        v.expect(isinstance(got, FakeGPUArray) and got.get().tobytes() == want.tobytes(),
-                 f"pass-through combine, C = {c} ({path} path)")
+        v.expect(
+            isinstance(got, FakeGPUArray) and got.get().tobytes() == want.tobytes(),
+            f"pass-through combine, C = {c} ({path} path)",
+        )
 
 
 def _set_env(value):
@@ -111,21 +119,32 @@ def check_host(v):
     want = _ordered_sum(size)
 
     got = comm.allreduce_sum(_buffer(rank), xp=np)
-    v.expect(got.tobytes() == want.tobytes(),
-             f"float64 sum {got.tolist()} != rank-ordered {want.tolist()}")
+    v.expect(
+        got.tobytes() == want.tobytes(),
+        f"float64 sum {got.tolist()} != rank-ordered {want.tolist()}",
+    )
     got32 = comm.allreduce_sum(np.full(2, rank + 0.5, np.float32), xp=np)
-    v.expect(got32.dtype == np.float32 and np.all(got32 == size * size / 2),
-             f"float32 sum {got32!r}")
+    v.expect(
+        got32.dtype == np.float32 and np.all(got32 == size * size / 2), f"float32 sum {got32!r}"
+    )
     ints = np.array([rank, 2**40 + rank], np.int64)
     out = comm.allreduce_sum(ints.copy(), xp=np)
     exact = np.array([size * (size - 1) // 2, size * 2**40 + size * (size - 1) // 2])
     v.expect(np.array_equal(out, exact) and out.dtype == np.int64, f"int64 sum {out!r}")
 
     for bad in (np.zeros(2, np.complex128), np.zeros(2, bool), np.zeros(2, np.uint8)):
-        v.raises(TypeError, f"MPIComm.allreduce_sum: buf has dtype {bad.dtype.name}; expected",
-                 lambda b=bad: comm.allreduce_sum(b, xp=np), f"dtype {bad.dtype}")
-    v.raises(ValueError, "MPIComm.allreduce_sum: buf has shape (2, 2); expected a 1-D",
-             lambda: comm.allreduce_sum(np.zeros((2, 2)), xp=np), "2-D buffer")
+        v.raises(
+            TypeError,
+            f"MPIComm.allreduce_sum: buf has dtype {bad.dtype.name}; expected",
+            lambda b=bad: comm.allreduce_sum(b, xp=np),
+            f"dtype {bad.dtype}",
+        )
+    v.raises(
+        ValueError,
+        "MPIComm.allreduce_sum: buf has shape (2, 2); expected a 1-D",
+        lambda: comm.allreduce_sum(np.zeros((2, 2)), xp=np),
+        "2-D buffer",
+    )
 
     dev = xps.Device("device1")
     for host, expect in ((_buffer(rank), want), (ints, exact)):
@@ -133,8 +152,10 @@ def check_host(v):
         res = comm.allreduce_sum(arr, xp=xps)
         v.expect(res.device == dev, f"strict result on {res.device}, expected {dev}")
         back = np.asarray(res.to_device(xps.Device("CPU_DEVICE")))
-        v.expect(back.tobytes() == np.asarray(expect, host.dtype).tobytes(),
-                 f"strict {host.dtype} sum {back!r}")
+        v.expect(
+            back.tobytes() == np.asarray(expect, host.dtype).tobytes(),
+            f"strict {host.dtype} sum {back!r}",
+        )
 
     # Device pass-through (CUDA-aware forced): MPI reads and writes through the
     # interface; FakeGPUArray has no buffer protocol and no DLPack, so it
@@ -143,17 +164,24 @@ def check_host(v):
     _set_env("1")
     aware = MPIComm()
     got = aware.allreduce_sum(FakeGPUArray(_buffer(rank)), xp=fake_xp)
-    v.expect(isinstance(got, FakeGPUArray) and got.get().tobytes() == want.tobytes(),
-             f"pass-through float64 gave {got!r}")
+    v.expect(
+        isinstance(got, FakeGPUArray) and got.get().tobytes() == want.tobytes(),
+        f"pass-through float64 gave {got!r}",
+    )
     check_device_combine(v, aware, fake_xp)
     dev_ints = FakeGPUArray(ints.copy())
     got = aware.allreduce_sum(dev_ints, xp=fake_xp)
-    v.expect(got is dev_ints and np.array_equal(got.get(), exact),
-             "pass-through int64 is not the in-place reduced device buffer")
+    v.expect(
+        got is dev_ints and np.array_equal(got.get(), exact),
+        "pass-through int64 is not the in-place reduced device buffer",
+    )
     _set_env("maybe")
-    v.raises(ValueError, "MPIComm.allreduce_sum: REFSYNCBN_CUDA_AWARE_MPI is 'maybe'; expected 1",
-             lambda: MPIComm().allreduce_sum(FakeGPUArray(_buffer(rank)), xp=fake_xp),
-             "bad env value")
+    v.raises(
+        ValueError,
+        "MPIComm.allreduce_sum: REFSYNCBN_CUDA_AWARE_MPI is 'maybe'; expected 1",
+        lambda: MPIComm().allreduce_sum(FakeGPUArray(_buffer(rank)), xp=fake_xp),
+        "bad env value",
+    )
     check_fake_cupy(v, comm, want)
 
 
@@ -189,10 +217,16 @@ def check_fake_cupy(v, comm, want):
         staged = [w for w in caught if issubclass(w.category, mpi.HostStagingWarning)]
         v.expect(len(staged) == 1, f"{len(staged)} staging warnings for 2 calls, expected 1")
         text = str(staged[0].message) if staged else ""
-        v.expect("REFSYNCBN_CUDA_AWARE_MPI=1" in text and "REFSYNCBN_CUDA_AWARE_MPI=0" in text
-                 and "silence" in text, f"warning does not say how to enable/silence: {text!r}")
-        v.expect(isinstance(first, FakeCupyArray) and first.get().tobytes() == want.tobytes(),
-                 "staged CuPy result")
+        v.expect(
+            "REFSYNCBN_CUDA_AWARE_MPI=1" in text
+            and "REFSYNCBN_CUDA_AWARE_MPI=0" in text
+            and "silence" in text,
+            f"warning does not say how to enable/silence: {text!r}",
+        )
+        v.expect(
+            isinstance(first, FakeCupyArray) and first.get().tobytes() == want.tobytes(),
+            "staged CuPy result",
+        )
         v.expect(syncs == [1], "staging synchronized a stream")
 
         _set_env("0")  # staging chosen explicitly: silent
@@ -205,8 +239,10 @@ def check_fake_cupy(v, comm, want):
         record = np.random.default_rng(rank).standard_normal((2, 30011))
         whole = _ordered_fn(np.stack(comm.mpi_comm.allgather(record)), xp=np)
         got = MPIComm().combine(FakeCupyArray(record), _ordered_fn, xp=fxp)
-        v.expect(isinstance(got, FakeCupyArray) and got.get().tobytes() == whole.tobytes(),
-                 "staged CuPy combine (owner-computes on host, fn on the device)")
+        v.expect(
+            isinstance(got, FakeCupyArray) and got.get().tobytes() == whole.tobytes(),
+            "staged CuPy combine (owner-computes on host, fn on the device)",
+        )
     finally:
         del sys.modules["cupy"]
         _set_env(None)
@@ -223,8 +259,9 @@ def check_cupy(v):
     want = _ordered_sum(comm.size)
     _set_env("0")
     got = MPIComm().allreduce_sum(cupy.asarray(_buffer(comm.rank)), xp=cxp)
-    v.expect(isinstance(got, cupy.ndarray) and got.get().tobytes() == want.tobytes(),
-             "staged CuPy sum")
+    v.expect(
+        isinstance(got, cupy.ndarray) and got.get().tobytes() == want.tobytes(), "staged CuPy sum"
+    )
     _set_env(None)
     if comm.cuda_aware:
         got = comm.allreduce_sum(cupy.asarray(_buffer(comm.rank)), xp=cxp)

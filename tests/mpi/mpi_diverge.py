@@ -48,17 +48,24 @@ def check_diverge(v):
         SyncBatchNorm(3, data_format="NCL", process_groups=groups, comm=comm)
 
     def torch_on_rank_1(comm):
-        forward(X, comm=comm, **{**BASE, "convention": "torch" if comm.rank == 1 else
-                                 "reference"})
+        forward(X, comm=comm, **{**BASE, "convention": "torch" if comm.rank == 1 else "reference"})
 
     scenarios = {
-        "eval": (eval_on_rank_1, "rank 1 is in forward(training=False) call #1, rank 0 in "
-                                 f"forward(training=True) call #1; {SAME_ORDER}"),
-        "forward-twice": (forward_twice_on_rank_1, "rank 1 is in forward(training=False) call "
-                                                   f"#2, rank 0 in backward call #1; {SAME_ORDER}"),
+        "eval": (
+            eval_on_rank_1,
+            "rank 1 is in forward(training=False) call #1, rank 0 in "
+            f"forward(training=True) call #1; {SAME_ORDER}",
+        ),
+        "forward-twice": (
+            forward_twice_on_rank_1,
+            "rank 1 is in forward(training=False) call "
+            f"#2, rank 0 in backward call #1; {SAME_ORDER}",
+        ),
         "groups": (other_groups_on_rank_1, "group_comm: rank 1 passed "),
-        "convention": (torch_on_rank_1, "forward: rank 1 passed momentum_meaning update, rank 0 "
-                                        "passed momentum_meaning retain"),
+        "convention": (
+            torch_on_rank_1,
+            "forward: rank 1 passed momentum_meaning update, rank 0 passed momentum_meaning retain",
+        ),
     }
     for name, (fn, needle) in scenarios.items():
         comm = MPIComm(timeout=20)
@@ -66,8 +73,12 @@ def check_diverge(v):
         print(f"rank {rank} {name}: ValueError: {msg}", flush=True)
     y = forward(X, comm=MPIComm(timeout=20), **BASE).y  # the world still works
     v.expect(np.all(np.isfinite(y)), "valid call after the divergences")
-    v.raises(ValueError, "MPIComm: timeout is 0; expected a number of seconds > 0",
-             lambda: MPIComm(timeout=0), "timeout=0")
+    v.raises(
+        ValueError,
+        "MPIComm: timeout is 0; expected a number of seconds > 0",
+        lambda: MPIComm(timeout=0),
+        "timeout=0",
+    )
 
 
 def check_timeout():
@@ -99,12 +110,14 @@ def check_combine(v):
     comm = MPIComm(timeout=60)
     for c in (2, 7, 1003, 4099, 44000, 65536):
         rng = np.random.default_rng(c * 31 + comm.rank)
-        record = np.stack([rng.standard_normal(c) * 1e8 ** comm.rank, rng.uniform(0.1, 3, c)])
+        record = np.stack([rng.standard_normal(c) * 1e8**comm.rank, rng.uniform(0.1, 3, c)])
         whole = np.stack(comm.mpi_comm.allgather(record))
         want = _ordered(whole, xp=np)
         got = comm.combine(record, _ordered, xp=np)
-        v.expect(got.shape == want.shape and got.tobytes() == want.tobytes(),
-                 f"C = {c}: combine differs from the rank-ordered function on the whole stack")
+        v.expect(
+            got.shape == want.shape and got.tobytes() == want.tobytes(),
+            f"C = {c}: combine differs from the rank-ordered function on the whole stack",
+        )
         path = "gather" if block_width(comm.size, 2, c) is None else "owner"
         print(f"rank {comm.rank} combine C={c} path={path}: bitwise equal", flush=True)
 

@@ -35,28 +35,42 @@ def check_agree(v):
         msg = v.raises(ValueError, needle, fn, name)
         print(f"rank {rank} {name}: ValueError: {msg}", flush=True)
 
-    run("channels", lambda: forward(_inputs(rank, channels=4 if rank == bad else 3), comm=comm),
+    run(
+        "channels",
+        lambda: forward(_inputs(rank, channels=4 if rank == bad else 3), comm=comm),
         f"rank {bad} passed 4 channels, rank 0 passed 3 channels",
-        f"rank {bad} passed 4 channels, rank 0 passed 3 channels")
-    run("dtype", lambda: forward(_inputs(rank, dtype=np.float32 if rank == bad else np.float64),
-                                 comm=comm),
+        f"rank {bad} passed 4 channels, rank 0 passed 3 channels",
+    )
+    run(
+        "dtype",
+        lambda: forward(_inputs(rank, dtype=np.float32 if rank == bad else np.float64), comm=comm),
         f"rank {bad} passed dtype float32, rank 0 passed dtype float64",
-        f"rank {bad} passed dtype float32, rank 0 passed dtype float64")
-    run("shape", lambda: forward(_inputs(rank, ndim=3 if rank == bad else 4), comm=comm),
+        f"rank {bad} passed dtype float32, rank 0 passed dtype float64",
+    )
+    run(
+        "shape",
+        lambda: forward(_inputs(rank, ndim=3 if rank == bad else 4), comm=comm),
         "expected a 4-D array for data_format 'NCHW'",
-        f"rank(s) [{bad}] of the group rejected their own inputs")
+        f"rank(s) [{bad}] of the group rejected their own inputs",
+    )
     saved = forward(_inputs(rank), comm=comm).saved
     dy = np.ones((rank + 1, 3, 2, 2 + (rank == bad)))
-    run("dy-shape", lambda: backward(dy, saved),
-        "dy has shape", f"backward: rank(s) [{bad}] of the group rejected their own inputs")
+    run(
+        "dy-shape",
+        lambda: backward(dy, saved),
+        "dy has shape",
+        f"backward: rank(s) [{bad}] of the group rejected their own inputs",
+    )
 
     x = _inputs(rank)
     if rank == 0:
         x[0, 0, 0, 0] = np.nan
     res = forward(x, comm=comm)
     stats = res.saved.mean
-    v.expect(np.isnan(stats[0]) and np.all(np.isfinite(stats[1:])),
-             f"a NaN on rank 0 gave statistics {stats}")
+    v.expect(
+        np.isnan(stats[0]) and np.all(np.isfinite(stats[1:])),
+        f"a NaN on rank 0 gave statistics {stats}",
+    )
     print(f"rank {rank} nan: no exception, mean {stats.tolist()}", flush=True)
 
     y = forward(_inputs(rank), comm=comm).y  # the world is still usable

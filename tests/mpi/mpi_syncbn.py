@@ -38,32 +38,59 @@ def world_cases(size):
     if size >= 2:  # non-contiguous: evens and odds; the last rank empty
         groups = [list(range(0, size, 2)), list(range(1, size, 2))]
         layouts.append((groups, [3, 2, *[1] * (size - 3), 0][:size] if size > 2 else [2, 2]))
-    specs = [("NCHW", "reference", "float64", False), ("NHWC", "torch", "float32", False),
-             ("NC", "paddle", "float64", True), ("NCL", "chainermn", "float64", False),
-             ("NDHWC", "mindspore", "float32", False)]
+    specs = [
+        ("NCHW", "reference", "float64", False),
+        ("NHWC", "torch", "float32", False),
+        ("NC", "paddle", "float64", True),
+        ("NCL", "chainermn", "float64", False),
+        ("NDHWC", "mindspore", "float32", False),
+    ]
     cases = []
     for i, (groups, sp) in enumerate(layouts):
         for fmt, conv, dtype, masked in specs[i:] + specs[:i]:
-            shape = {"NC": [sum(sp), 3], "NCL": [sum(sp), 3, 4], "NCHW": [sum(sp), 3, 2, 3],
-                     "NHWC": [sum(sp), 2, 3, 3], "NDHWC": [sum(sp), 2, 1, 2, 3]}[fmt]
+            shape = {
+                "NC": [sum(sp), 3],
+                "NCL": [sum(sp), 3, 4],
+                "NCHW": [sum(sp), 3, 2, 3],
+                "NHWC": [sum(sp), 2, 3, 3],
+                "NDHWC": [sum(sp), 2, 1, 2, 3],
+            }[fmt]
             x = rng.standard_normal(shape) * 2.0 + 1.0
             mask = None
             if masked:
                 mask = rng.random(shape[:1]) < 0.6
                 for start in np.cumsum([0, *sp[:-1]]):
-                    mask[start:start + 2] = True  # >= 2 valid samples in every group
-            cases.append(Case(
-                x=x.astype(dtype), dy=rng.standard_normal(shape).astype(dtype),
-                weight=rng.uniform(0.5, 2, 3).astype(dtype), bias=rng.standard_normal(3).astype(dtype),
-                running_mean=np.zeros(3, dtype), running_var=np.ones(3, dtype), splits=tuple(sp),
-                data_format=fmt, convention=conv, mask=mask, groups=groups,
-                momentum=0.1 if conv == "torch" else 0.9))
+                    mask[start : start + 2] = True  # >= 2 valid samples in every group
+            cases.append(
+                Case(
+                    x=x.astype(dtype),
+                    dy=rng.standard_normal(shape).astype(dtype),
+                    weight=rng.uniform(0.5, 2, 3).astype(dtype),
+                    bias=rng.standard_normal(3).astype(dtype),
+                    running_mean=np.zeros(3, dtype),
+                    running_var=np.ones(3, dtype),
+                    splits=tuple(sp),
+                    data_format=fmt,
+                    convention=conv,
+                    mask=mask,
+                    groups=groups,
+                    momentum=0.1 if conv == "torch" else 0.9,
+                )
+            )
     # Every rank non-empty, samples of rank r around r: the summation order
     # matters (bitwise) and plain per-rank BN is far from SyncBN.
     splits = [2 + r for r in range(size)]
     x = rng.standard_normal((sum(splits), 3)) + np.repeat(np.arange(size), splits)[:, None]
-    cases.append(Case(x=x, dy=rng.standard_normal(x.shape), running_mean=np.zeros(3),
-                      running_var=np.ones(3), splits=tuple(splits), data_format="NC"))
+    cases.append(
+        Case(
+            x=x,
+            dy=rng.standard_normal(x.shape),
+            running_mean=np.zeros(3),
+            running_var=np.ones(3),
+            splits=tuple(splits),
+            data_format="NC",
+        )
+    )
     return cases
 
 
@@ -75,14 +102,23 @@ def statistics_bytes(case, world):
 
     group = group_comm(world, case.groups)
     shard = case.shard(world.rank)
-    res = forward(shard["x"], case.weight, case.bias, running_mean=case.running_mean,
-                  running_var=case.running_var, eps=case.eps, momentum=case.momentum,
-                  data_format=case.data_format, convention=case.convention,
-                  mask=shard.get("mask"), comm=group, xp=np)
+    res = forward(
+        shard["x"],
+        case.weight,
+        case.bias,
+        running_mean=case.running_mean,
+        running_var=case.running_var,
+        eps=case.eps,
+        momentum=case.momentum,
+        data_format=case.data_format,
+        convention=case.convention,
+        mask=shard.get("mask"),
+        comm=group,
+        xp=np,
+    )
     if group is not world:
         group.free()
-    stats = {"mean": res.saved.mean, "invstd": res.saved.invstd,
-             "running_mean": res.running_mean}
+    stats = {"mean": res.saved.mean, "invstd": res.saved.invstd, "running_mean": res.running_mean}
     if get_convention(case.convention).running_var != "unbiased_local":
         stats["running_var"] = res.running_var  # ChainerMN's uses the LOCAL count by design
     return {k: np.asarray(a).tobytes() for k, a in stats.items()}
@@ -98,14 +134,20 @@ def check(v):
     world = MPIComm()
     rank, size = world.rank, world.size
     for i, case in enumerate(world_cases(size)):
-        tag = f"case {i} ({case.data_format}, {case.convention}, {case.x.dtype}, " \
-              f"splits {list(case.splits)}, groups {case.groups})"
+        tag = (
+            f"case {i} ({case.data_format}, {case.convention}, {case.x.dtype}, "
+            f"splits {list(case.splits)}, groups {case.groups})"
+        )
         got = run_rank(case, world)
         sim = SimulatedWorld(size).run(lambda comm, c=case: run_rank(c, comm))[rank]
         for key, a in got.items():
             b = sim[key]
-            same = (a is None and b is None) or (a is not None and b is not None
-                                                 and a.dtype == b.dtype and a.tobytes() == b.tobytes())
+            same = (a is None and b is None) or (
+                a is not None
+                and b is not None
+                and a.dtype == b.dtype
+                and a.tobytes() == b.tobytes()
+            )
             v.expect(same, f"{tag}: MPI {key} differs from SimulatedWorld")
         err, key = case_error(case, rank, got, expected_outputs(case, param_grads="local")[rank])
         v.expect(err <= 1.0, f"{tag}: {key} off the float64 oracle by {err:.3g} x tolerance")

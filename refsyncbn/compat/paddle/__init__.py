@@ -45,18 +45,39 @@ class _PaddleNorm(_BatchNormBase):
 
     _formats = _DENSE_FORMATS
 
-    def __init__(self, num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
-                 use_global_stats, name, comm, xp):
+    def __init__(
+        self,
+        num_features,
+        momentum,
+        epsilon,
+        weight_attr,
+        bias_attr,
+        data_format,
+        use_global_stats,
+        name,
+        comm,
+        xp,
+    ):
         for arg, value in (("weight_attr", weight_attr), ("bias_attr", bias_attr)):
             if value is not None and not isinstance(value, bool):
-                msg = (f"{arg} is a {type(value).__name__}; expected None, True or False "
-                       f"(False: fixed, non-trainable; ParamAttr objects are not supported)")
+                msg = (
+                    f"{arg} is a {type(value).__name__}; expected None, True or False "
+                    f"(False: fixed, non-trainable; ParamAttr objects are not supported)"
+                )
                 raise TypeError(msg)
         if use_global_stats is not None and not isinstance(use_global_stats, bool):
             msg = f"use_global_stats is {use_global_stats!r}; expected None, True or False"
             raise TypeError(msg)
-        super().__init__(num_features, eps=epsilon, momentum=momentum, affine=True,
-                         data_format=data_format, convention=PADDLE, comm=comm, xp=xp)
+        super().__init__(
+            num_features,
+            eps=epsilon,
+            momentum=momentum,
+            affine=True,
+            data_format=data_format,
+            convention=PADDLE,
+            comm=comm,
+            xp=xp,
+        )
         self.weight_requires_grad = weight_attr is not False
         self.bias_requires_grad = bias_attr is not False
         self.use_global_stats = use_global_stats
@@ -85,8 +106,10 @@ class _PaddleNorm(_BatchNormBase):
         return not self.use_global_stats, not self.use_global_stats
 
     def __repr__(self):
-        return (f"{type(self).__name__}(num_features={self.num_features}, "
-                f"momentum={self.momentum}, epsilon={self.eps})")
+        return (
+            f"{type(self).__name__}(num_features={self.num_features}, "
+            f"momentum={self.momentum}, epsilon={self.eps})"
+        )
 
 
 class BatchNorm(_PaddleNorm):
@@ -106,11 +129,31 @@ class BatchNorm(_PaddleNorm):
             [ 1.,  1.]]])
     """
 
-    def __init__(self, num_features, momentum=0.9, epsilon=1e-05, weight_attr=None,
-                 bias_attr=None, data_format="NCHW", use_global_stats=None, name=None, *,
-                 xp=None):
-        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
-                         use_global_stats, name, LocalComm(), xp)
+    def __init__(
+        self,
+        num_features,
+        momentum=0.9,
+        epsilon=1e-05,
+        weight_attr=None,
+        bias_attr=None,
+        data_format="NCHW",
+        use_global_stats=None,
+        name=None,
+        *,
+        xp=None,
+    ):
+        super().__init__(
+            num_features,
+            momentum,
+            epsilon,
+            weight_attr,
+            bias_attr,
+            data_format,
+            use_global_stats,
+            name,
+            LocalComm(),
+            xp,
+        )
 
 
 class SyncBatchNorm(_PaddleNorm):
@@ -160,11 +203,32 @@ class SyncBatchNorm(_PaddleNorm):
     array([0.23333333], dtype=float32)
     """
 
-    def __init__(self, num_features, momentum=0.9, epsilon=1e-05, weight_attr=None,
-                 bias_attr=None, data_format="NCHW", name=None, *, comm=None, xp=None):
+    def __init__(
+        self,
+        num_features,
+        momentum=0.9,
+        epsilon=1e-05,
+        weight_attr=None,
+        bias_attr=None,
+        data_format="NCHW",
+        name=None,
+        *,
+        comm=None,
+        xp=None,
+    ):
         comm = default_comm() if comm is None else comm
-        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
-                         None, name, comm, xp)
+        super().__init__(
+            num_features,
+            momentum,
+            epsilon,
+            weight_attr,
+            bias_attr,
+            data_format,
+            None,
+            name,
+            comm,
+            xp,
+        )
 
     @classmethod
     def convert_sync_batchnorm(cls, layer, *, comm=None):
@@ -184,8 +248,14 @@ class SyncBatchNorm(_PaddleNorm):
         source = cls._convertible
 
         def convert(old):
-            new = cls(old.num_features, old.momentum, old.eps, data_format=old.data_format,
-                      name=old.name, comm=comm)
+            new = cls(
+                old.num_features,
+                old.momentum,
+                old.eps,
+                data_format=old.data_format,
+                name=old.name,
+                comm=comm,
+            )
             new._adopt(old)
             return new
 

@@ -54,8 +54,10 @@ class _SparseInput:
 
     def forward(self, x, mask=None):
         if not isinstance(x, SparseCooTensor):
-            msg = (f"x is a {type(x).__name__}; expected a refsyncbn.sparse.SparseCooTensor "
-                   f"(indices (ndim_sparse, nnz), values (nnz, C))")
+            msg = (
+                f"x is a {type(x).__name__}; expected a refsyncbn.sparse.SparseCooTensor "
+                f"(indices (ndim_sparse, nnz), values (nnz, C))"
+            )
             raise TypeError(msg)
         return super().forward(x, mask=mask)
 
@@ -75,11 +77,30 @@ class BatchNorm(_SparseInput, _DenseBatchNorm):
 
     _formats = ("NDHWC", "NHWC")
 
-    def __init__(self, num_features, momentum=0.9, epsilon=1e-05, weight_attr=None,
-                 bias_attr=None, data_format="NDHWC", use_global_stats=None, name=None, *,
-                 xp=None):
-        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
-                         use_global_stats, name, xp=xp)
+    def __init__(
+        self,
+        num_features,
+        momentum=0.9,
+        epsilon=1e-05,
+        weight_attr=None,
+        bias_attr=None,
+        data_format="NDHWC",
+        use_global_stats=None,
+        name=None,
+        *,
+        xp=None,
+    ):
+        super().__init__(
+            num_features,
+            momentum,
+            epsilon,
+            weight_attr,
+            bias_attr,
+            data_format,
+            use_global_stats,
+            name,
+            xp=xp,
+        )
 
 
 class SyncBatchNorm(_SparseInput, _DenseSyncBatchNorm):
