@@ -439,10 +439,6 @@ def combine_moments(records, *, xp, weighting="count"):
            [2.        , 5.        ],
            [2.66666667, 0.        ]])
     """
-    if records.shape[0] == 1:  # one rank: its own record, as the general formulas give it
-        n, mu, m2, e = (records[0, i, :] for i in range(4))
-        nonempty = xp.astype(n > 0, xp.float64)
-        return xp.stack([n, nonempty, mu, m2 / (n + (1.0 - nonempty)), e])
     n, mu, m2, e = (records[:, i, :] for i in range(4))
     nonempty = xp.astype(n > 0, xp.float64)
     m, r = ordered_sum(n, xp=xp), ordered_sum(nonempty, xp=xp)
@@ -570,7 +566,7 @@ def _batch_stats(x3, mask3, conv, variance, comm, kern, *, xp):
         mean = total[2, :] / big_w
         var = total[3, :] / big_w - mean * mean
         return mean, xp.where(var < 0, xp.zeros_like(var), var), None, m, omega, n
-    if total is None:  # one rank: combine_moments' one-rank result, (mean, M2 / n, e)
+    if total is None:  # one rank: what combine_moments gives one record (tests pin it)
         var, exp = m2 / n, e
     else:
         mean, var, exp = total[2, :], total[3, :], total[4, :]
