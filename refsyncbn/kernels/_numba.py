@@ -247,29 +247,30 @@ def _moments_cols(x, mask, rows, nb):
     s, q, r, k = np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk)
     for lo in range(0, na, rows):
         hi = min(lo + rows, na)
-        s[:] = 0.0
-        q[:] = 0.0
-        r[:] = 0.0
         if mask is None:
             k[:] = hi - lo
-            for a in range(lo, hi):
-                for j in range(nk):
-                    s[j] += x[a, j]
+            _col_sums(x, lo, hi, s)
+            for j in range(nk):
+                s[j] = s[j] / k[j]
+            _col_deviations(x, lo, hi, s, q, r)
         else:
+            s[:] = 0.0
+            q[:] = 0.0
+            r[:] = 0.0
             k[:] = 0.0
             for a in range(lo, hi):
                 for j in range(nk):
                     if mask[a, j]:
                         s[j] += x[a, j]
                         k[j] += 1.0
-        for j in range(nk):
-            s[j] = s[j] / k[j] if k[j] > 0 else 0.0
-        for a in range(lo, hi):
             for j in range(nk):
-                if mask is None or mask[a, j]:
-                    d = x[a, j] - s[j]
-                    q[j] += d * d
-                    r[j] += d
+                s[j] = s[j] / k[j] if k[j] > 0 else 0.0
+            for a in range(lo, hi):
+                for j in range(nk):
+                    if mask[a, j]:
+                        d = x[a, j] - s[j]
+                        q[j] += d * d
+                        r[j] += d
         for j in range(nk):
             if k[j] > 0:
                 _combine(st, j, k[j], s[j], q[j], r[j])
@@ -279,6 +280,46 @@ def _moments_cols(x, mask, rows, nb):
     for j in range(nk):
         _merge(channels, j // nb, st, j)
     return _finish(channels)
+
+
+@_jit_sum
+def _col_sums(x, lo, hi, s):
+    """``s[j] = sum x[lo:hi, j]`` in float64.
+
+    Four rows per sweep of ``s``: one load and store of ``s[j]`` per four
+    elements (a sweep per row is bound by those stores, not by memory).
+    """
+    s[:] = 0.0
+    a = lo
+    while a + 4 <= hi:
+        for j in range(x.shape[1]):
+            s[j] += (np.float64(x[a, j]) + np.float64(x[a + 1, j])) + (
+                np.float64(x[a + 2, j]) + np.float64(x[a + 3, j])
+            )
+        a += 4
+    for i in range(a, hi):
+        for j in range(x.shape[1]):
+            s[j] += x[i, j]
+
+
+@_jit_sum
+def _col_deviations(x, lo, hi, mu, q, r):
+    """``q[j] = sum (x[lo:hi, j] - mu[j])^2`` and ``r[j] = sum (x[lo:hi, j] - mu[j])``, four rows a sweep."""
+    q[:] = 0.0
+    r[:] = 0.0
+    a = lo
+    while a + 4 <= hi:
+        for j in range(x.shape[1]):
+            m = mu[j]
+            d0, d1, d2, d3 = x[a, j] - m, x[a + 1, j] - m, x[a + 2, j] - m, x[a + 3, j] - m
+            q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r[j] += (d0 + d1) + (d2 + d3)
+        a += 4
+    for i in range(a, hi):
+        for j in range(x.shape[1]):
+            d = x[i, j] - mu[j]
+            q[j] += d * d
+            r[j] += d
 
 
 @_jit
@@ -321,15 +362,28 @@ def _grad_sums_rows(dy, x, mean):
 
 @_jit_sum
 def _grad_sums_cols(dy, x, mean, nb):
-    """Per-column ``sum dy`` and ``sum dy * (x - mean)`` down the columns of ``(A, C*B)``."""
+    """Per-column ``sum dy`` and ``sum dy * (x - mean)`` down the columns of ``(A, C*B)``.
+
+    Four rows per sweep of the sums, as in :func:`_col_sums`.
+    """
     na, nk = x.shape
     m = np.repeat(mean, nb)  # per column (per-channel vectors are widened in here)
     sa, sb = np.zeros(nk), np.zeros(nk)
-    for a in range(na):
+    a = 0
+    while a + 4 <= na:
         for j in range(nk):
-            g = np.float64(dy[a, j])
+            g0, g1 = np.float64(dy[a, j]), np.float64(dy[a + 1, j])
+            g2, g3 = np.float64(dy[a + 2, j]), np.float64(dy[a + 3, j])
+            sa[j] += (g0 + g1) + (g2 + g3)
+            sb[j] += (g0 * (x[a, j] - m[j]) + g1 * (x[a + 1, j] - m[j])) + (
+                g2 * (x[a + 2, j] - m[j]) + g3 * (x[a + 3, j] - m[j])
+            )
+        a += 4
+    for i in range(a, na):
+        for j in range(nk):
+            g = np.float64(dy[i, j])
             sa[j] += g
-            sb[j] += g * (x[a, j] - m[j])
+            sb[j] += g * (x[i, j] - m[j])
     return sa, sb
 
 
