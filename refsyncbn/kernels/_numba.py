@@ -14,8 +14,9 @@ Each kernel reads its inputs once from memory and writes its output once:
 Two loop orders cover the layouts: rows of ``B`` elements when ``B`` is long
 (NCHW, NCDHW: the contiguous axis is ``B``), else the ``(A, C*B)`` matrix
 column by column (NHWC, NC, short NCL: the contiguous axis is ``C*B``), whose
-``C*B`` column results are folded into channels at the end. Any strides work;
-C-contiguous views run vectorized. Only NumPy float32 and float64 arrays come
+``C*B`` column results are folded into channels at the end; its column sums
+are swept four rows at a time where the rows come from cache (:func:`_in_cache`).
+Any strides work; C-contiguous views run vectorized. Only NumPy float32 and float64 arrays come
 here (:func:`supports`); the interface is described in :mod:`refsyncbn.kernels`.
 
 Compiled lazily on first use and cached on disk (``cache=True``: in
