@@ -8,7 +8,7 @@ import array_api_compat
 import array_api_compat.numpy as compat_numpy
 import numpy as np
 
-__all__ = ["device_of", "is_cupy_array", "namespace", "to_numpy"]
+__all__ = ["astype", "device_of", "is_cupy_array", "namespace", "reshape", "to_numpy"]
 
 
 def namespace(*arrays):
@@ -21,6 +21,16 @@ def namespace(*arrays):
         if type(a) is not np.ndarray:
             return array_api_compat.array_namespace(*present)
     return compat_numpy  # the common case, without the lookup
+
+
+def reshape(a, shape, xp):
+    """``xp.reshape(a, shape)``, by a NumPy array's own method (per-call cost: 0.1 vs 0.7 us)."""
+    return a.reshape(shape) if type(a) is np.ndarray else xp.reshape(a, shape)
+
+
+def astype(a, dtype, xp):
+    """``xp.astype(a, dtype)`` (a copy), by a NumPy array's own method."""
+    return a.astype(dtype) if type(a) is np.ndarray else xp.astype(a, dtype)
 
 
 def device_of(x):

@@ -36,7 +36,7 @@ from . import kernels
 from ._signature import FLOAT_NAMES as _FLOAT_NAMES
 from ._signature import agree_backward, agree_forward, reject
 from ._signature import dtype_code as _dtype_code
-from ._xp import namespace
+from ._xp import astype, namespace, reshape
 from .comm.local import LocalComm
 from .conventions import REFERENCE, Convention, get_convention
 from .layouts import Layout, get_layout
@@ -250,8 +250,8 @@ def forward(
     )
 
     shape3 = layout.canonical_shape(x.shape)
-    x3 = xp.reshape(x, shape3)
-    mask3 = None if mask is None else xp.reshape(mask, (shape3[0], 1, shape3[2]))
+    x3 = reshape(x, shape3, xp)
+    mask3 = None if mask is None else reshape(mask, (shape3[0], 1, shape3[2]), xp)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # documented NaN/Inf
         if training:
             mean, var_s, pow2, m, omega, n = _batch_stats(
@@ -276,11 +276,11 @@ def forward(
             invstd = xp.where(xp.isfinite(var), 1.0 / xp.sqrt(var + eps), kinvstd / pow2)
             if eps > 0:  # var_s = 0: x - mean is 0 (M2 = 0), keep 0 * kinvstd finite
                 kinvstd = xp.minimum(kinvstd, xp.full_like(kinvstd, np.finfo(np.float64).max))
-        w64 = None if weight is None else xp.astype(weight, xp.float64)
+        w64 = None if weight is None else astype(weight, xp.float64, xp)
         scale = kinvstd if w64 is None else kinvstd * w64
         # backward's weight * invstd: the scale itself unless the kernels see scaled data
         k_dy = scale if kinvstd is invstd else invstd if w64 is None else w64 * invstd
-    shift = xp.zeros_like(mean) if bias is None else xp.astype(bias, xp.float64)
+    shift = xp.zeros_like(mean) if bias is None else astype(bias, xp.float64, xp)
     y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
     saved = Saved(
         kx3,
@@ -303,7 +303,7 @@ def forward(
         kern,
         xp,
     )
-    return ForwardResult(xp.reshape(y3, x.shape), saved, new_rm, new_rv)
+    return ForwardResult(reshape(y3, x.shape, xp), saved, new_rm, new_rv)
 
 
 def backward(dy, saved: Saved, *, param_grads=None):
@@ -351,7 +351,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
     reduce_params = affine and pg != "local"
     agree_backward(s.comm, error, dy, s, pg, xp=xp)
 
-    dy3 = xp.reshape(dy, s.x3.shape)  # = s.layout.view(dy)
+    dy3 = reshape(dy, s.x3.shape, xp)  # = s.layout.view(dy)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf statistics propagate
         a, b = s.kernels.grad_sums(dy3, s.x3, s.kmean, s.kinvstd, xp=xp)  # sum dy, sum dy x_hat
         if math.prod(s.shape) == 0:  # empty sums are 0, even with NaN statistics (Flax)
@@ -366,7 +366,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
         else:
             k_x = k_0 = xp.zeros_like(s.k_dy)
     dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, s.k_dy, k_x, k_0, s.mask3, xp=xp, dtype=s.dtype)
-    dx = xp.reshape(dx3, s.shape)
+    dx = reshape(dx3, s.shape, xp)
     if not affine:
         return Grads(dx, None, None)
     if pg == "local":
@@ -375,7 +375,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
         dw, db = b_sum, a_sum
     else:
         dw, db = b_sum / s.comm.size, a_sum / s.comm.size
-    return Grads(dx, xp.astype(dw, s.weight.dtype), xp.astype(db, s.weight.dtype))
+    return Grads(dx, astype(dw, s.weight.dtype, xp), astype(db, s.weight.dtype, xp))
 
 
 def ordered_sum(records, *, xp):
@@ -493,7 +493,9 @@ def _local_record(x3, mask3, kern, *, xp):
     """
     n = kern.count(x3, mask3, xp=xp)
     mean, m2 = kern.moments(x3, mask3, xp=xp)
-    if bool(xp.all(xp.isfinite(mean + m2))):
+    # Values of at most 4 bytes (float32 and narrower: |x| < 3.5e38) cannot
+    # overflow float64 sums of squares, so only float64 input needs the check.
+    if getattr(x3.dtype, "itemsize", 8) < 8 or bool(xp.all(xp.isfinite(mean + m2))):
         return n, mean, m2, None
     x = xp.abs(xp.astype(x3, xp.float64))
     if mask3 is not None:
