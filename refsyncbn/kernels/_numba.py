@@ -15,7 +15,7 @@ Two loop orders cover the layouts: rows of ``B`` elements when ``B`` is long
 (NCHW, NCDHW: the contiguous axis is ``B``), else the ``(A, C*B)`` matrix
 column by column (NHWC, NC, short NCL: the contiguous axis is ``C*B``), whose
 ``C*B`` column results are folded into channels at the end; its column sums
-are swept four rows at a time where the rows come from cache (:func:`_in_cache`).
+are swept four rows at a time where the rows come from cache (``_L2_BYTES``).
 Any strides work; C-contiguous views run vectorized. Only NumPy float32 and float64 arrays come
 here (:func:`supports`); the interface is described in :mod:`refsyncbn.kernels`.
 
@@ -37,7 +37,10 @@ NAME = "numba"
 
 _ROW_MIN = 32  # B from which kernels run along rows of B elements
 _BLOCK = 1 << 16  # elements per in-cache block of the two-pass moments (<= 512 KiB: L2)
-_L2_BYTES = 1 << 20  # operands up to this size are swept four rows at a time
+# Operands up to this size (a core's L2) are swept four rows at a time: in cache that
+# cuts the loads and stores of the per-column sums by four; out of cache the four
+# interleaved row streams ran up to 2x slower than memory.
+_L2_BYTES = 1 << 20
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -64,7 +67,7 @@ def moments(x3, mask3, *, xp):
     if b >= _ROW_MIN:
         return _moments_rows(x3, _rows_mask(mask3), _BLOCK)
     x2, m2 = _matrix(x3), _matrix_mask(mask3, x3.shape)
-    return _moments_cols(x2, m2, max(1, _BLOCK // max(c * b, 1)), b, _in_cache(x3))
+    return _moments_cols(x2, m2, max(1, _BLOCK // max(c * b, 1)), b, x3.nbytes <= _L2_BYTES)
 
 
 def normalize(x3, mean, scale, shift, *, xp, dtype):
@@ -86,7 +89,9 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
     elif b >= _ROW_MIN:
         sa, sb = _grad_sums_rows(dy3, x3, mean)
     else:  # column sums folded into channels by a separate loop: inlined, it slowed the sums
-        sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), mean, b, _in_cache(dy3, x3))
+        sa, sb = _grad_sums_cols(
+            _matrix(dy3), _matrix(x3), mean, b, dy3.nbytes + x3.nbytes <= _L2_BYTES
+        )
         if b > 1:
             sa, sb = _fold(sa, sb, b)
     return sa, sb * invstd
@@ -111,16 +116,6 @@ def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
             _matrix(out),
         )
     return out
-
-
-def _in_cache(*arrays):
-    """Whether ``arrays`` fit in a core's L2 cache together (then four-row sweeps pay off).
-
-    Out of cache, a sweep over four rows at once reads four interleaved streams
-    and runs up to 2x slower than memory; in cache it cuts the loads and stores
-    of the per-column sums by four.
-    """
-    return sum(a.nbytes for a in arrays) <= _L2_BYTES
 
 
 def _operand(dy3):
