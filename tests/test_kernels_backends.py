@@ -47,12 +47,19 @@ SHAPES = [(3, 2, 40), (5, 3, 1), (4, 3, 5)]
 U64 = 2.0**-53
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of 8 elements, so that tiny exact-arithmetic cases merge several blocks."""
+@pytest.fixture(params=["four-row-sweeps", "row-sweeps"])
+def small_blocks(monkeypatch, request):
+    """Blocks of 8 elements, so that tiny exact-arithmetic cases merge several blocks.
+
+    Numba's column kernels sweep four rows at a time only for operands in cache
+    (``_L2_BYTES``); the second parameter turns that off, so that the row-by-row
+    sweeps of large arrays are checked against exact arithmetic too.
+    """
     for name in ("numpy", "numba"):
         if name == "numpy" or HAS_NUMBA:
             monkeypatch.setattr(_backend(name).module, "_BLOCK", 8)
+    if request.param == "row-sweeps" and HAS_NUMBA:
+        monkeypatch.setattr(_backend("numba").module, "_L2_BYTES", 0)
 
 
 class _Backend:
