@@ -16,8 +16,9 @@ Two loop orders cover the layouts: rows of ``B`` elements when ``B`` is long
 column by column (NHWC, NC, short NCL: the contiguous axis is ``C*B``), whose
 ``C*B`` column results are folded into channels at the end; its column sums
 are swept four rows at a time where the rows come from cache (``_L2_BYTES``).
-Any strides work; C-contiguous views run vectorized. Only NumPy float32 and float64 arrays come
-here (:func:`supports`); the interface is described in :mod:`refsyncbn.kernels`.
+Any strides work; C-contiguous views run vectorized. Only NumPy float32 and
+float64 arrays come here (:func:`supports`); the interface is described in
+:mod:`refsyncbn.kernels`.
 
 Compiled lazily on first use and cached on disk (``cache=True``: in
 ``__pycache__`` next to this file, or numba's user cache directory when that is
@@ -261,21 +262,21 @@ def _moments_cols(x, mask, rows, nb, four):
         if mask is None:
             k[:] = hi - lo
             _col_sums(x, lo, hi, s, four)
-            for j in range(nk):
-                s[j] = s[j] / k[j]
-            _col_deviations(x, lo, hi, s, q, r)
         else:
             s[:] = 0.0
-            q[:] = 0.0
-            r[:] = 0.0
             k[:] = 0.0
             for a in range(lo, hi):
                 for j in range(nk):
                     if mask[a, j]:
                         s[j] += x[a, j]
                         k[j] += 1.0
-            for j in range(nk):
-                s[j] = s[j] / k[j] if k[j] > 0 else 0.0
+        for j in range(nk):
+            s[j] = s[j] / k[j] if k[j] > 0 else 0.0
+        if mask is None:
+            _col_deviations(x, lo, hi, s, q, r)
+        else:
+            q[:] = 0.0
+            r[:] = 0.0
             for a in range(lo, hi):
                 for j in range(nk):
                     if mask[a, j]:
