@@ -262,15 +262,15 @@ def forward(
                 running_mean, running_var, mean, var, m, n, conv, momentum, xp=xp
             )
         else:
-            mean = xp.astype(running_mean, xp.float64)
-            var, pow2 = xp.astype(running_var, xp.float64), None
+            mean = astype(running_mean, xp.float64, xp)
+            var, pow2 = astype(running_var, xp.float64, xp), None
             m, omega = kern.count(x3, mask3, xp=xp), 0.0
             new_rm, new_rv = running_mean, running_var
         if pow2 is None:
             kx3, kmean, invstd = x3, mean, 1.0 / xp.sqrt(var + eps)
             kinvstd = invstd
         else:  # x / 2^E, mean / 2^E, invstd * 2^E: exact power-of-two scaling
-            kx3 = xp.astype(x3, xp.float64) / xp.reshape(pow2, (1, -1, 1))
+            kx3 = astype(x3, xp.float64, xp) / reshape(pow2, (1, -1, 1), xp)
             kmean = mean / pow2
             kinvstd = 1.0 / xp.sqrt(var_s + eps / (pow2 * pow2))
             invstd = xp.where(xp.isfinite(var), 1.0 / xp.sqrt(var + eps), kinvstd / pow2)
@@ -440,7 +440,7 @@ def combine_moments(records, *, xp, weighting="count"):
            [2.66666667, 0.        ]])
     """
     n, mu, m2, e = (records[:, i, :] for i in range(4))
-    nonempty = xp.astype(n > 0, xp.float64)
+    nonempty = astype(n > 0, xp.float64, xp)
     m, r = ordered_sum(n, xp=xp), ordered_sum(nonempty, xp=xp)
     if weighting == "count":
         w, big_w, q = n, m, m2
@@ -497,7 +497,7 @@ def _local_record(x3, mask3, kern, *, xp):
     # overflow float64 sums of squares, so only float64 input needs the check.
     if getattr(x3.dtype, "itemsize", 8) < 8 or bool(xp.all(xp.isfinite(mean + m2))):
         return n, mean, m2, None
-    x = xp.abs(xp.astype(x3, xp.float64))
+    x = xp.abs(astype(x3, xp.float64, xp))
     if mask3 is not None:
         x = xp.where(mask3, x, xp.zeros_like(x))
     top = xp.max(x, axis=(0, 2))
@@ -505,7 +505,7 @@ def _local_record(x3, mask3, kern, *, xp):
     e = xp.where(bad, xp.floor(_log2(top, xp=xp)), xp.zeros_like(mean))
     down = _pow2(-e, xp=xp)
     mean_s, m2_s = kern.moments(
-        xp.astype(x3, xp.float64) * xp.reshape(down, (1, -1, 1)), mask3, xp=xp
+        astype(x3, xp.float64, xp) * reshape(down, (1, -1, 1), xp), mask3, xp=xp
     )
     mean, m2 = xp.where(bad, mean_s / down, mean), xp.where(bad, m2_s, m2)
     return n, mean, m2, e
@@ -594,9 +594,9 @@ def _update_running(running_mean, running_var, mean, var, m, n, conv, momentum, 
     if k == 1 and conv.running_var != "biased" and conv.single_value == "raise_alone":
         correction = math.nan  # PyTorch: M2 / (count - 1) = 0 / 0
     w = conv.batch_weight(momentum)
-    rm = xp.astype(running_mean, xp.float64) * (1.0 - w) + mean * w
-    rv = xp.astype(running_var, xp.float64) * (1.0 - w) + var * (correction * w)
-    return xp.astype(rm, running_mean.dtype), xp.astype(rv, running_var.dtype)
+    rm = astype(running_mean, xp.float64, xp) * (1.0 - w) + mean * w
+    rv = astype(running_var, xp.float64, xp) * (1.0 - w) + var * (correction * w)
+    return astype(rm, running_mean.dtype, xp), astype(rv, running_var.dtype, xp)
 
 
 def _validate_forward(
