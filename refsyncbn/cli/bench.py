@@ -12,7 +12,8 @@ cases report a per-call time):
 * ``collective_ms`` (time inside ``allreduce_sum``), the collectives per pass
   (``data``: packed float64 buffers; ``agree``: the tiny int64 agreement
   table) and the bytes each pass all-reduces;
-* ``peak_bytes``: tracemalloc peak of one untimed step, beyond its inputs;
+* ``peak_bytes``: tracemalloc peak of one untimed step, beyond its inputs, with the
+  output pool off (``refsyncbn.kernels._pool``), so its outputs count;
 * baselines interleaved with ours in every repetition (on rank 0, on its
   local tensors): ``copy_ms``, ``np.copyto`` of the local tensor, from which
   ``bound_ms = 3 * copy_ms`` is the memory-traffic bound of a step (forward
@@ -46,7 +47,7 @@ import numpy as np
 from ..comm.counting import CountingComm, Tally
 from ..comm.mpi import default_comm
 from ..functional import backward, forward
-from ..kernels import BACKENDS, ENV_VAR
+from ..kernels import BACKENDS, ENV_VAR, _pool
 from ..layouts import DATA_FORMATS, get_layout
 from ._common import Progress
 
@@ -234,13 +235,14 @@ def _median_ms(fn, repeat, warmup=1) -> float:
 
 
 def _peak_bytes(x, dy, w, b, fmt, backend) -> int:
-    """tracemalloc peak of one single-process step, beyond its inputs."""
-    tracemalloc.start()
-    try:
-        _step(x, dy, w, b, fmt, None, backend)
-        return int(tracemalloc.get_traced_memory()[1])
-    finally:
-        tracemalloc.stop()
+    """tracemalloc peak of one single-process step, beyond its inputs (outputs not pooled)."""
+    with _pool.disabled():
+        tracemalloc.start()
+        try:
+            _step(x, dy, w, b, fmt, None, backend)
+            return int(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
 
 
 def _torch_step(x, dy, fmt, threads):

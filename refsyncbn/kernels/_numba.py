@@ -32,6 +32,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import _pool
+
 __all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "supports"]
 
 NAME = "numba"
@@ -73,7 +75,7 @@ def moments(x3, mask3, *, xp):
 
 def normalize(x3, mean, scale, shift, *, xp, dtype):
     """``(x - mean) * scale + shift`` in float64, rounded once to ``dtype``; ``(A, C, B)``."""
-    out = np.empty(x3.shape, dtype=dtype)
+    out = _pool.empty(x3.shape, dtype)
     b = x3.shape[2]
     if b >= _ROW_MIN:
         _normalize_rows(x3, mean, scale, shift, out)
@@ -100,7 +102,7 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
 
 def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     """``k_dy * dy - valid * (k_x * (x - mean) + k_0)`` per channel, rounded once to ``dtype``."""
-    out = np.empty(x3.shape, dtype=dtype)
+    out = _pool.empty(x3.shape, dtype)
     dy3, b = _operand(dy3), x3.shape[2]
     if b >= _ROW_MIN:
         _grad_input_rows(dy3, x3, mean, k_dy, k_x, k_0, _rows_mask(mask3), out)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _pool
+
 __all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "supports"]
 
 NAME = "numpy"
@@ -128,7 +130,7 @@ def _tiled(tile, x3, dtype, *, xp):
     with np.errstate(all="ignore"):
         if len(tiles) == 1:
             return tile(*tiles[0])
-        out = np.empty(x3.shape, dtype=dtype)
+        out = _pool.empty(x3.shape, dtype)
         for ta, tb in tiles:
             out[ta, :, tb] = tile(ta, tb)
     return out
