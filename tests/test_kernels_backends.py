@@ -237,6 +237,59 @@ def test_fused_moments_have_no_first_order_mean_rounding(backend, shape):
     _check_moments(mean, m2, x3, None, contract=False)
 
 
+def _check_moments_tight(mean, m2, x3, mask3, k):
+    """Mean within ``k u64 (|mean| + std)`` and M2 within ``k u64 M2`` of exact: no
+    factor of the element or block count (what a compensated combination reaches)."""
+    for ch, (em, em2) in enumerate(_exact_moments(x3, mask3)):
+        n = x3.shape[0] * x3.shape[2] if mask3 is None else int(mask3.sum())
+        std = float(em2 / n) ** 0.5
+        assert abs(Fraction(float(mean[ch])) - em) <= k * U64 * (abs(float(em)) + std), ch
+        assert abs(Fraction(float(m2[ch])) - em2) <= k * U64 * float(em2), ch
+
+
+def _outlier_cases():
+    """A far-off first block in each loop order: a first row (rows of B = 32), a
+    first block of rows (NC; with the fixture's 8-element blocks), the first
+    column of each channel (short NCL, columns folded into channels), masked."""
+    rng = np.random.default_rng(3)
+    rows = 1e-3 * rng.standard_normal((150, 2, 32))
+    rows[0] += 37.123456789
+    nc = 1e-3 * rng.standard_normal((300, 2, 1))
+    nc[:8] += 37.123456789
+    ncl = 1e-3 * rng.standard_normal((100, 2, 5))
+    ncl[:, :, 0] += 37.123456789
+    mask = rng.random((100, 1, 5)) < 0.7
+    return [(rows, None), (nc, None), (ncl, None), (ncl, mask)]
+
+
+@pytest.mark.parametrize("backend", [NUMBA])
+@pytest.mark.parametrize("case", range(4))
+def test_a_far_off_block_costs_no_accuracy(backend, case, block_sizes):
+    """One block far from the rest: its large term in the combination does not carry
+    rounding of the order of the block count (it did: 1.4e3 u in M2)."""
+    if block_sizes == "one-block" and case == 1:
+        pytest.skip("NC in one block: nothing is combined (its sums round as any sum does)")
+    x3, mask3 = _outlier_cases()[case]
+    mean, m2 = _backend(backend).moments(x3, mask3, xp=np)
+    _check_moments_tight(mean, m2, x3, mask3, 4)
+
+
+@pytest.mark.parametrize("backend", [NUMBA])
+@pytest.mark.parametrize("case", range(4))
+def test_a_far_pivot_is_replaced_by_the_mean(backend, case, monkeypatch):
+    """A pivot 1e4 standard deviations from the mean (what an unlucky sample
+    could give) is detected and the combination redone about the mean."""
+    module = _backend(backend).module
+    monkeypatch.setattr(module, "_BLOCK", 8)
+    monkeypatch.setattr(module, "_sample_mean_rows", lambda x, mask: np.full(x.shape[1], 1e3))
+    monkeypatch.setattr(
+        module, "_sample_mean_cols", lambda x, mask, nb: np.full(x.shape[1] // nb, 1e3)
+    )
+    x3, mask3 = _outlier_cases()[case]
+    mean, m2 = module.moments(x3, mask3, xp=np)
+    _check_moments_tight(mean, m2, x3, mask3, 4)
+
+
 class TestTheChecksCanFail:
     """Negative controls: each check rejects values just outside its bound."""
 
@@ -263,6 +316,9 @@ class TestTheChecksCanFail:
         _check_moments(mean, m2 * (1 + 7 * n * U64), x3, None, contract=False)
         with pytest.raises(AssertionError):
             _check_moments(mean, m2 * (1 + 9 * n * U64), x3, None, contract=False)
+        _check_moments_tight(mean, m2 * (1 + 2 * U64), x3, None, 4)
+        with pytest.raises(AssertionError):
+            _check_moments_tight(mean, m2 * (1 + 6 * U64), x3, None, 4)
 
     @pytest.mark.parametrize("dtype", [np.float32, np.float64])
     def test_the_rounding_check_rejects_one_ulp_off(self, dtype):

@@ -6,7 +6,10 @@ Each kernel reads its inputs once from memory and writes its output once:
   ``x3[a, c, lo:hi]``, or a few rows of the ``(A, C*B)`` matrix) gets its own
   mean, then its M2 about that mean while it is in cache (two-pass, no
   ``sum x^2 - (sum x)^2 / n`` cancellation); the blocks are combined per
-  channel about a pivot, the mean of its first block (:func:`_combine`);
+  channel about a fixed pivot, the mean of a sample of its values, with
+  compensated sums (:func:`_combine`); a pivot that turns out far from the
+  mean (a rare, skewed sample) makes :func:`moments` read ``x`` once more
+  about the mean just found;
 * ``normalize``: ``(x - mean) * scale + shift`` in float64, rounded once;
 * ``grad_sums``: ``sum dy`` and ``sum dy * (x - mean)`` in one read of both;
 * ``grad_input``: ``k_dy * dy - valid * (k_x * (x - mean) + k_0)``, rounded once.
@@ -42,6 +45,8 @@ __all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "
 NAME = "numba"
 
 _ROW_MIN = 32  # B from which kernels run along rows of B elements
+_SAMPLE = 32  # values per channel whose mean is the pivot of the block combination
+_FAR = 2.0  # recompute about the mean when P > _FAR * M2 (see moments)
 _BLOCK = 1 << 16  # elements per in-cache block of the two-pass moments (<= 512 KiB: L2)
 # Operands up to this size (a core's L2) are swept four rows at a time: in cache that
 # cuts the loads and stores of the per-column sums by four; out of cache the four
@@ -66,14 +71,30 @@ def count(x3, mask3, *, xp) -> int:
 
 
 def moments(x3, mask3, *, xp):
-    """Local ``(mean, M2)`` per channel (float64; zeros for a channel without elements)."""
+    """Local ``(mean, M2)`` per channel (float64; zeros for a channel without elements).
+
+    The blocks are combined about a pivot per channel, the mean of a sample of
+    its values; where the pivot turns out far from the mean (the blocks' sum of
+    squares about it, ``P``, exceeds ``_FAR`` times M2, so that its rounding
+    would show), the moments are computed again about the mean just found.
+    """
     _, c, b = x3.shape
     if x3.size == 0:  # no element (an empty batch, or no spatial position)
         return np.zeros(c), np.zeros(c)
     if b >= _ROW_MIN:
-        return _moments_rows(x3, _rows_mask(mask3), _BLOCK)
-    x2, m2 = _matrix(x3), _matrix_mask(mask3, x3.shape)
-    return _moments_cols(x2, m2, max(1, _BLOCK // max(c * b, 1)), b, x3.nbytes <= _L2_BYTES)
+        mask = _rows_mask(mask3)
+        mean, m2, far = _moments_rows(x3, mask, _BLOCK, _sample_mean_rows(x3, mask))
+        if far:
+            mean, m2, _ = _moments_rows(x3, mask, _BLOCK, mean)
+        return mean, m2
+    x2, mask = _matrix(x3), _matrix_mask(mask3, x3.shape)
+    rows, four = max(1, _BLOCK // max(c * b, 1)), x3.nbytes <= _L2_BYTES
+    if mask is None and b == 1 and x2.shape[0] <= rows:  # a single block (NC): no pivot
+        return _single_block_moments(x2, four)
+    mean, m2, far = _moments_cols(x2, mask, rows, b, four, _sample_mean_cols(x2, mask, b))
+    if far:
+        mean, m2, _ = _moments_cols(x2, mask, rows, b, four, mean)
+    return mean, m2
 
 
 def normalize(x3, mean, scale, shift, *, xp, dtype):
@@ -163,59 +184,86 @@ def _combine(st, i, k, mu, q, r):
     ``q - r^2 / k`` (the corrected two-pass algorithm; without ``r`` the mean's
     rounding enters the M2 to first order, 2e-10 relative at ``|mean| / std = 1e8``).
 
-    ``st`` rows: count ``n``, pivot ``K`` (the first block's mean), ``T = sum k (mu - K)``,
-    ``P = sum k (mu - K)^2``, ``Q = sum M2`` and ``S = sum k mu`` (the plain sum, the
-    mean where it is not finite, as in the NumPy backend). Unlike Chan's running-mean update,
+    ``st`` rows: count ``n``, pivot ``K`` (set by the caller), ``T = sum k (mu - K)``,
+    ``P = sum k (mu - K)^2``, ``Q = sum M2``, ``S = sum k mu`` (the plain sum, the
+    mean where it is not finite, as in the NumPy backend), then the compensations
+    of ``T``, ``P`` and ``Q`` (:func:`_add`). Unlike Chan's running-mean update,
     whose rounded intermediate means also enter to first order, the block means
     are only differenced with one fixed pivot; :func:`_finish` forms
-    ``M2 = Q + P - T^2 / n``, whose cancellation is bounded by the number of
-    blocks (``K`` is one block's mean).
+    ``M2 = Q + P - T^2 / n``, which is accurate while ``K`` is within about a
+    standard deviation of the mean (``P`` at most a few times M2; else
+    :func:`moments` starts again about the mean).
     """
-    if st[0, i] == 0:
-        st[1, i] = mu
     d = (mu - st[1, i]) + r / k
     st[0, i] += k
-    st[2, i] += k * d
-    st[3, i] += k * d * d
-    st[4, i] += q - r * r / k
+    _add(st, 2, i, k * d)
+    _add(st, 3, i, k * d * d)
+    _add(st, 4, i, q - r * r / k)
     st[5, i] += k * mu
 
 
 @_jit
-def _single_block(mu, q, r, k):
-    """``(mean, M2)`` of one block of ``k`` elements per entry: :func:`_finish` of its :func:`_combine`."""
-    mean, m2 = np.empty(mu.size), np.empty(mu.size)
-    for j in range(mu.size):
-        total = k * mu[j]
-        mean[j] = mu[j] + r[j] / k if abs(total) < np.inf else total / k  # Inf/NaN: the plain mean
-        m2[j] = q[j] - r[j] * r[j] / k
+def _add(st, row, i, v):
+    """``st[row, i] += v`` with Neumaier's compensation kept in ``st[row + 4, i]``.
+
+    Many blocks add onto one large sum (one block far from the others, say):
+    compensated, the sum's own roundings stay below one ulp of it.
+    """
+    s = st[row, i]
+    t = s + v
+    if abs(s) >= abs(v):
+        st[row + 4, i] += (s - t) + v
+    else:
+        st[row + 4, i] += (v - t) + s
+    st[row, i] = t
+
+
+@_jit
+def _single_block_moments(x, four):
+    """``(mean, M2)`` per column of ``x`` as one block: the corrected two-pass, no pivot."""
+    na, nk = x.shape
+    mu, q, r = np.empty(nk), np.empty(nk), np.empty(nk)
+    _col_sums(x, 0, na, mu, four)
+    mu /= na
+    _col_deviations(x, 0, na, mu, q, r)
+    mean, m2 = np.empty(nk), np.empty(nk)
+    for j in range(nk):
+        total = na * mu[j]
+        mean[j] = mu[j] + r[j] / na if abs(total) < np.inf else total / na  # Inf/NaN: plain mean
+        m2[j] = q[j] - r[j] * r[j] / na
     return mean, m2
 
 
 @_jit
 def _finish(st):
-    """``(mean, M2)`` of every entry of ``st`` (zeros for an entry without elements)."""
+    """``(mean, M2, far)`` of the entries of ``st`` (zeros for an entry without elements).
+
+    ``far``: some entry's pivot was far from its mean (``P > _FAR * M2``).
+    """
     size = st.shape[1]
     mean, m2 = np.zeros(size), np.zeros(size)
+    far = False
     for i in range(size):
         n = st[0, i]
         if n > 0:
-            t = st[2, i]
-            between = st[3, i] - t * t / n
+            t, p = st[2, i] + st[6, i], st[3, i] + st[7, i]
+            between = p - t * t / n
             if between < 0:  # rounding; a NaN stays
                 between = 0.0
             mean[i] = st[1, i] + t / n
             if not np.isfinite(st[5, i]):  # Inf/NaN in the data: the plain mean
                 mean[i] = st[5, i] / n
-            m2[i] = st[4, i] + between
-    return mean, m2
+            m2[i] = (st[4, i] + st[8, i]) + between
+            far = far or p > _FAR * m2[i]
+    return mean, m2, far
 
 
 @_jit_sum
-def _moments_rows(x, mask, block):
-    """Two-pass moments of each in-cache chunk of each row, Chan-combined per channel."""
+def _moments_rows(x, mask, block, pivot):
+    """Two-pass moments of each in-cache chunk of each row, combined per channel about ``pivot``."""
     na, nc, nb = x.shape
-    st = np.zeros((6, nc))
+    st = np.zeros((9, nc))
+    st[1, :] = pivot
     for a in range(na):
         for c in range(nc):
             for lo in range(0, nb, block):
@@ -267,20 +315,17 @@ def _segment_masked(v, valid):
 
 
 @_jit_sum
-def _moments_cols(x, mask, rows, nb, four):
-    """Two-pass moments of blocks of ``rows`` rows per column; columns merged by channel.
+def _moments_cols(x, mask, rows, nb, four, pivot):
+    """Two-pass moments of blocks of ``rows`` rows per column, combined about the
+    channel's ``pivot``; the columns' sums are then added per channel.
 
     The second pass reads the block from cache: four rows a sweep; the first
     too when ``four`` (all of ``x`` is in cache).
     """
     na, nk = x.shape
     s, q, r, k = np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk)
-    if mask is None and nb == 1 and na <= rows:  # a single block (NC): no combination
-        _col_sums(x, 0, na, s, four)
-        s /= na
-        _col_deviations(x, 0, na, s, q, r)
-        return _single_block(s, q, r, na)
-    st = np.zeros((6, nk))
+    st = np.zeros((9, nk))
+    st[1, :] = _widen(pivot, nb)
     for lo in range(0, na, rows):
         hi = min(lo + rows, na)
         if mask is None:
@@ -312,10 +357,48 @@ def _moments_cols(x, mask, rows, nb, four):
                 _combine(st, j, k[j], s[j], q[j], r[j])
     if nb == 1:
         return _finish(st)
-    channels = np.zeros((6, nk // nb))
+    channels = np.zeros((9, nk // nb))
+    channels[1, :] = pivot  # every column of a channel has the channel's pivot: sums add
     for j in range(nk):
-        _merge(channels, j // nb, st, j)
+        channels[0, j // nb] += st[0, j]
+        channels[5, j // nb] += st[5, j]
+        for row in (2, 3, 4):
+            _add(channels, row, j // nb, st[row, j])
+            channels[row + 4, j // nb] += st[row + 4, j]
     return _finish(channels)
+
+
+@_jit
+def _sample_mean_rows(x, mask):
+    """Per channel, the mean of up to ``_SAMPLE`` valid values spread over ``(A, B)`` (0 if none)."""
+    na, nc, nb = x.shape
+    step = max(1, (na * nb) // _SAMPLE)
+    out = np.zeros(nc)
+    for c in range(nc):
+        s, k = 0.0, 0
+        for f in range(0, na * nb, step):
+            a, j = f // nb, f % nb
+            if mask is None or mask[a, 0, j]:
+                s += x[a, c, j]
+                k += 1
+        out[c] = s / max(k, 1)
+    return out
+
+
+@_jit
+def _sample_mean_cols(x, mask, nb):
+    """Per channel of ``(A, C*B)``, the mean of its valid values in up to ``_SAMPLE`` spread rows."""
+    na, nk = x.shape
+    step = max(1, na // _SAMPLE)
+    s, k = np.zeros(nk // nb), np.zeros(nk // nb)
+    for a in range(0, na, step):
+        for j in range(nk):
+            if mask is None or mask[a, j]:
+                s[j // nb] += x[a, j]
+                k[j // nb] += 1.0
+    for c in range(s.size):
+        s[c] /= max(k[c], 1.0)
+    return s
 
 
 @_jit_sum
@@ -366,26 +449,6 @@ def _col_deviations(x, lo, hi, mu, q, r):
             d = x[i, j] - mu[j]
             q[j] += d * d
             r[j] += d
-
-
-@_jit
-def _merge(dst, i, src, j):
-    """Add entry ``j`` of the :func:`_combine` state ``src`` to entry ``i`` of ``dst``.
-
-    Re-pivots ``src``'s sums to ``dst``'s pivot instead of rounding its mean.
-    """
-    n = src[0, j]
-    if n == 0:
-        return
-    if dst[0, i] == 0:
-        dst[1, i] = src[1, j]
-    e = src[1, j] - dst[1, i]
-    t = src[2, j]
-    dst[0, i] += n
-    dst[2, i] += t + n * e
-    dst[3, i] += src[3, j] + 2.0 * e * t + n * e * e
-    dst[4, i] += src[4, j]
-    dst[5, i] += src[5, j]
 
 
 @_jit_sum
