@@ -238,6 +238,35 @@ class TestFloat64WithinUKappa:
         assert max(worst.values()) <= 1.0, worst
 
 
+def test_running_variance_far_below_eps(cpu_backend):
+    """Two ranks, ``var ~ 1e-16`` far below ``eps``: the running variance is within
+    ``K u (1 + kappa0)`` of exact with the data's own ``kappa0 = |mean| / sqrt(var)``
+    (each rank's rounded mean enters the combined variance to first order; the
+    ``kappa`` of ``y``, with ``eps``, is only 32 here). Case of the independent audit."""
+    x = 0.1 + 1e-8 * np.random.default_rng(5).standard_normal((16, 1))
+    rm, rv = np.array([0.1]), np.array([1e-16])
+    got = SimulatedWorld(2).run(
+        lambda comm, s: (
+            forward(
+                s,
+                running_mean=rm,
+                running_var=rv,
+                data_format="NC",
+                comm=comm,
+                backend=cpu_backend,
+            ).running_var
+        ),
+        [x[:5], x[5:]],
+    )
+    xs = [Fraction(float(v)) for v in x[:, 0]]
+    mean = sum(xs) / len(xs)
+    var = sum((v - mean) ** 2 for v in xs) / len(xs)
+    exact = Fraction(1e-16) * Fraction(0.9) + var * Fraction(0.1)
+    kappa0 = float(abs(mean)) / float(var) ** 0.5
+    for r in got:
+        assert abs(Fraction(float(r[0])) - exact) <= K * U64 * (1 + kappa0) * float(exact)
+
+
 class TestBothSidesOfTheBound:
     @pytest.mark.parametrize("kappa", [1e4, 1e6, 1e8])
     def test_naive_variance_breaks_it(self, kappa):
