@@ -184,9 +184,10 @@ def forward(
     -----
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``, statistics accumulated
     in float64; float64 outputs within a small multiple of ``u (1 + |mean| /
-    std)`` of exact, lower-precision ``y`` correctly rounded, finite inputs of
+    std)`` of exact, lower-precision ``y`` correctly rounded, finite ``x`` of
     any magnitude handled by exact power-of-two scaling (the running variance
-    is ``inf`` when the true one exceeds float64). New running statistics: ``r = r * (1 - w) + batch * w`` with
+    is ``inf`` when the true one exceeds float64; ``weight / sqrt(var + eps)``
+    must stay within float64, see ``docs/numerics.md``). New running statistics: ``r = r * (1 - w) + batch * w`` with
     ``w = momentum`` (``update``) or ``1 - momentum`` (``retain``); the batch
     variance fed to it is biased or unbiased as the convention says. With
     ``eps=0`` a channel whose variance is exactly 0 gives NaN (0 * inf), as in
