@@ -50,7 +50,8 @@ _FAR = 2.0  # recompute about the mean when P > _FAR * M2 (see moments)
 _BLOCK = 1 << 16  # elements per in-cache block of the two-pass moments (<= 512 KiB: L2)
 # Operands up to this size (a core's L2) are swept four rows at a time: in cache that
 # cuts the loads and stores of the per-column sums by four; out of cache the four
-# interleaved row streams ran up to 2x slower than memory.
+# interleaved row streams ran up to 2x slower than memory for float64 rows, but the
+# gradient sums of float32 operands gained (NHWC 32x56x56x64: 2.4 -> 2.0 ms).
 _L2_BYTES = 1 << 20
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -118,9 +119,8 @@ def grad_sums(dy3, x3, mean, invstd, *, xp):
     elif b >= _ROW_MIN:
         sa, sb = _grad_sums_rows(dy3, x3, mean)
     else:  # column sums folded into channels by a separate loop: inlined, it slowed the sums
-        sa, sb = _grad_sums_cols(
-            _matrix(dy3), _matrix(x3), mean, b, dy3.nbytes + x3.nbytes <= _L2_BYTES
-        )
+        four = dy3.nbytes + x3.nbytes <= _L2_BYTES or dy3.itemsize + x3.itemsize == 8
+        sa, sb = _grad_sums_cols(_matrix(dy3), _matrix(x3), mean, b, four)
         if b > 1:
             sa, sb = _fold(sa, sb, b)
     return sa, sb * invstd
