@@ -56,9 +56,10 @@ VARIANCE_ALGORITHMS = ("stable", "naive")
 _PARAM_GRADS = ("local", "sum", "mean")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Saved:
-    """What :func:`backward` needs from :func:`forward` (treat as opaque).
+    """What :func:`backward` needs from :func:`forward` (treat as opaque and read-only;
+    not frozen, which would cost 2 us a call).
 
     ``mean``, ``var`` and ``invstd`` are the float64 per-channel statistics
     used to normalize (batch statistics in training, running ones in eval);

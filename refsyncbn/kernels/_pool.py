@@ -63,10 +63,10 @@ def empty(shape, dtype) -> np.ndarray:
     ((2, 3), dtype('float32'), True)
     """
     dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in shape)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < THRESHOLD:
         return np.empty(shape, dtype)
+    shape = tuple(int(s) for s in shape)
     raw = None
     with _lock:
         if os.environ.get(ENV_VAR) == "0":
