@@ -1,8 +1,8 @@
 """The output pool: recycled memory for large outputs, never handed out while in use.
 
 Most tests lower the pool's size threshold so that small arrays go through
-it; one allocates at the real threshold (``np.empty`` of 32 MiB touches no
-page, so it is cheap).
+it; one allocates at the real threshold (``np.empty`` touches no page, so
+it is cheap).
 """
 
 from __future__ import annotations

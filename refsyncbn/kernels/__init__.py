@@ -6,7 +6,7 @@ boolean ``(A, 1, B)`` array or ``None``; per-channel vectors are float64
 arrays of shape ``(C,)``; ``xp`` is the array namespace (a backend may ignore
 it). Every sum is accumulated in float64 whatever the input dtype, and every
 output array is computed in float64 and rounded ONCE to ``dtype``. Full-size
-NumPy outputs of 32 MiB and more come from a small pool of released output
+NumPy outputs of 4 MiB and more come from a small pool of released output
 memory (:mod:`refsyncbn.kernels._pool`; ``REFSYNCBN_OUTPUT_POOL=0`` turns it
 off), which spares the operating system's zeroing of freshly mapped pages.
 

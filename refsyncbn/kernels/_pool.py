@@ -1,11 +1,15 @@
 """Recycled memory for the large NumPy outputs of the kernels (``y``, ``dx``).
 
-An array above glibc's largest mmap threshold (32 MiB) is mapped afresh by
-every ``np.empty`` and unmapped when freed, so the operating system zeroes
-each of its pages again on first touch: about 4 ms per 51 MB here, a third of
-a float64 training step of that size. :func:`empty` hands out such outputs
-from memory that earlier outputs of the same size have released, like CuPy's
-memory pool does for device memory.
+A large array often comes back from the operating system when freed: glibc maps
+every allocation above its mmap threshold (at most 32 MiB) afresh, and trims
+its heap when the free memory at its top exceeds twice that (``y`` and ``dx``
+of a step, released together, do). The next ``np.empty`` then gets pages the
+OS zeroes again on first touch: about 4 ms per 51 MB here, a third of a float64
+training step of that size, and 3 ms per 26 MB float32 output where the heap
+was trimmed. :func:`empty` hands out outputs of :data:`THRESHOLD` bytes and
+more (NumPy's own threshold for advising huge pages) from memory that earlier
+outputs of the same size have released, like CuPy's memory pool does for
+device memory.
 
 A buffer goes back to the pool only when no array uses it any more: the
 output's base is a :class:`_Lease` object, which every view of the output
@@ -28,7 +32,7 @@ import numpy as np
 
 __all__ = ["ENV_VAR", "KEEP", "THRESHOLD", "disabled", "empty"]
 
-THRESHOLD = 32 << 20  # bytes: glibc maps (and the OS zeroes) every allocation above this
+THRESHOLD = 4 << 20  # bytes
 KEEP = 4  # released buffers kept: y and dx of two shapes
 ENV_VAR = "REFSYNCBN_OUTPUT_POOL"
 
