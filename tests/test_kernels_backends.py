@@ -230,8 +230,9 @@ class TestAgainstExactArithmetic:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.usefixtures("block_sizes")
 def test_fused_moments_have_no_first_order_mean_rounding(backend, shape):
-    """The fused merge (corrected block means about a fixed pivot) stays within
-    ``k n u64`` of exact at ``|mean| / std = 1e8``, without the contract's factor."""
+    """The fused moments (sums about a fixed pivot near the mean, never a rounded
+    running mean) stay within ``k n u64`` of exact at ``|mean| / std = 1e8``,
+    without the contract's factor."""
     x3, _ = _data(shape, np.float64, loc=1e8)
     mean, m2 = _backend(backend).moments(x3, None, xp=np)
     _check_moments(mean, m2, x3, None, contract=False)
@@ -266,12 +267,14 @@ def _outlier_cases():
 @pytest.mark.parametrize("case", range(4))
 def test_a_far_off_block_costs_no_accuracy(backend, case, block_sizes):
     """One block far from the rest: its large term in the combination does not carry
-    rounding of the order of the block count (it did: 1.4e3 u in M2)."""
+    rounding of the order of the block count (it did: 1.4e3 u in M2). Within 4 u
+    with blocks of 8 elements; 8 u where one block holds a whole column of 100
+    rows, whose sum about the pivot rounds as any sum of 100 terms does."""
     if block_sizes == "one-block" and case == 1:
         pytest.skip("NC in one block: nothing is combined (its sums round as any sum does)")
     x3, mask3 = _outlier_cases()[case]
     mean, m2 = _backend(backend).moments(x3, mask3, xp=np)
-    _check_moments_tight(mean, m2, x3, mask3, 4)
+    _check_moments_tight(mean, m2, x3, mask3, 8 if block_sizes == "one-block" else 4)
 
 
 @pytest.mark.parametrize("backend", [NUMBA])

@@ -2,14 +2,14 @@
 
 Each kernel reads its inputs once from memory and writes its output once:
 
-* ``moments``: one read of ``x``; every cache-sized block (a row chunk
-  ``x3[a, c, lo:hi]``, or a few rows of the ``(A, C*B)`` matrix) gets its own
-  mean, then its M2 about that mean while it is in cache (two-pass, no
-  ``sum x^2 - (sum x)^2 / n`` cancellation); the blocks are combined per
-  channel about a fixed pivot, the mean of a sample of its values, with
-  compensated sums (:func:`_combine`); a pivot that turns out far from the
-  mean (a rare, skewed sample) makes :func:`moments` read ``x`` once more
-  about the mean just found;
+* ``moments``: one read of ``x``: per channel, ``sum (x - K)`` and
+  ``sum (x - K)^2`` about a fixed pivot ``K``, the mean of a sample of 32 of
+  its values (no ``sum x^2 - (sum x)^2 / n`` cancellation while ``K`` is near
+  the mean); sums of blocks (row chunks, or blocks of rows of the
+  ``(A, C*B)`` matrix) added with compensation (:func:`_add`). A pivot that
+  turns out far from the mean (a skewed sample) makes :func:`moments` read
+  ``x`` once more about the mean just found; a matrix that is one block in
+  cache (NC) is read twice, its own mean the pivot;
 * ``normalize``: ``(x - mean) * scale + shift`` in float64, rounded once;
 * ``grad_sums``: ``sum dy`` and ``sum dy * (x - mean)`` in one read of both;
 * ``grad_input``: ``k_dy * dy - valid * (k_x * (x - mean) + k_0)``, rounded once.
@@ -20,8 +20,7 @@ column by column (NHWC, NC, short NCL: the contiguous axis is ``C*B``), whose
 ``C*B`` column results are folded into channels at the end. Where the rows
 come from cache (``_L2_BYTES``) the column sums are swept four rows at a time
 and ``normalize``/``grad_input`` two, so that each per-column sum or
-coefficient is loaded once per several rows; a matrix that is one block (NC)
-takes its moments straight from the two passes, without combining blocks.
+coefficient is loaded once per several rows.
 Any strides work; C-contiguous views run vectorized. Only NumPy float32 and
 float64 arrays come here (:func:`supports`); the interface is described in
 :mod:`refsyncbn.kernels`.
@@ -45,9 +44,9 @@ __all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "
 NAME = "numba"
 
 _ROW_MIN = 32  # B from which kernels run along rows of B elements
-_SAMPLE = 32  # values per channel whose mean is the pivot of the block combination
-_FAR = 2.0  # recompute about the mean when P > _FAR * M2 (see moments)
-_BLOCK = 1 << 16  # elements per in-cache block of the two-pass moments (<= 512 KiB: L2)
+_SAMPLE = 32  # values (rows) per channel whose mean is the pivot of the moments
+_FAR = 2.0  # recompute about the mean when P > _FAR * M2 (see _finish)
+_BLOCK = 1 << 16  # elements per block of the moments' sums (a chain of roundings)
 # Operands up to this size (a core's L2) are swept four rows at a time: in cache that
 # cuts the loads and stores of the per-column sums by four; out of cache the four
 # interleaved row streams ran up to 2x slower than memory for float64 rows, but the
@@ -74,10 +73,9 @@ def count(x3, mask3, *, xp) -> int:
 def moments(x3, mask3, *, xp):
     """Local ``(mean, M2)`` per channel (float64; zeros for a channel without elements).
 
-    The blocks are combined about a pivot per channel, the mean of a sample of
-    its values; where the pivot turns out far from the mean (the blocks' sum of
-    squares about it, ``P``, exceeds ``_FAR`` times M2, so that its rounding
-    would show), the moments are computed again about the mean just found.
+    One read of ``x`` about a pivot per channel, the mean of a sample of its
+    values; where the pivot turns out far from the mean (``P > _FAR * M2``, see
+    :func:`_finish`), a second read about the mean just found.
     """
     _, c, b = x3.shape
     if x3.size == 0:  # no element (an empty batch, or no spatial position)
@@ -86,16 +84,21 @@ def moments(x3, mask3, *, xp):
         mask = _rows_mask(mask3)
         mean, m2, far = _moments_rows(x3, mask, _BLOCK, _sample_mean_rows(x3, mask))
         if far:
-            mean, m2, _ = _moments_rows(x3, mask, _BLOCK, mean)
+            mean, m2, _ = _moments_rows(x3, mask, _BLOCK, _finite(mean))
         return mean, m2
     x2, mask = _matrix(x3), _matrix_mask(mask3, x3.shape)
     rows, four = max(1, _BLOCK // max(c * b, 1)), x3.nbytes <= _L2_BYTES
-    if mask is None and b == 1 and x2.shape[0] <= rows:  # a single block (NC): no pivot
+    if mask is None and b == 1 and x2.shape[0] <= rows:  # one block (NC): its own mean
         return _single_block_moments(x2, four)
     mean, m2, far = _moments_cols(x2, mask, rows, b, four, _sample_mean_cols(x2, mask, b))
     if far:
-        mean, m2, _ = _moments_cols(x2, mask, rows, b, four, mean)
+        mean, m2, _ = _moments_cols(x2, mask, rows, b, four, _finite(mean))
     return mean, m2
+
+
+def _finite(mean):
+    """The means as pivots: 0 for an Inf/NaN mean (whose channel stays Inf/NaN)."""
+    return np.where(np.isfinite(mean), mean, 0.0)
 
 
 def normalize(x3, mean, scale, shift, *, xp, dtype):
@@ -175,70 +178,70 @@ def _matrix_mask(mask3, shape):
 
 
 @_jit
-def _combine(st, i, k, mu, q, r):
-    """Add a block of ``k`` elements to entry ``i`` of ``st``.
+def _single_block_moments(x, four):
+    """``(mean, M2)`` per column of ``x`` as one block: the corrected two-pass, the
+    pivot the block's own mean (a first read, from cache)."""
+    na, nk = x.shape
+    mu, t, p = np.empty(nk), np.empty(nk), np.empty(nk)
+    _col_sums(x, 0, na, mu, four)
+    mu /= na
+    _col_shifted(x, 0, na, mu, t, p, four)
+    mean, m2 = np.empty(nk), np.empty(nk)
+    for j in range(nk):
+        total = na * mu[j]
+        mean[j] = mu[j] + t[j] / na if abs(total) < np.inf else total / na  # Inf/NaN: plain mean
+        m2[j] = p[j] - t[j] * t[j] / na
+    return mean, m2
 
-    ``mu`` is the block's rounded mean, ``q = sum (x - mu)^2`` and
-    ``r = sum (x - mu)`` (the rounding of ``mu``, exact enough because
-    ``x - mu`` cancels exactly): the block's mean is ``mu + r / k`` and its M2
-    ``q - r^2 / k`` (the corrected two-pass algorithm; without ``r`` the mean's
-    rounding enters the M2 to first order, 2e-10 relative at ``|mean| / std = 1e8``).
 
-    ``st`` rows: count ``n``, pivot ``K`` (set by the caller), ``T = sum k (mu - K)``,
-    ``P = sum k (mu - K)^2``, ``Q = sum M2``, ``S = sum k mu`` (the plain sum, the
-    mean where it is not finite, as in the NumPy backend), then the compensations
-    of ``T``, ``P`` and ``Q`` (:func:`_add`). Unlike Chan's running-mean update,
-    whose rounded intermediate means also enter to first order, the block means
-    are only differenced with one fixed pivot; :func:`_finish` forms
-    ``M2 = Q + P - T^2 / n``, which is accurate while ``K`` is within about a
-    standard deviation of the mean (``P`` at most a few times M2; else
-    :func:`moments` starts again about the mean).
-    """
-    d = (mu - st[1, i]) + r / k
-    st[0, i] += k
-    _add(st, 2, i, k * d)
-    _add(st, 3, i, k * d * d)
-    _add(st, 4, i, q - r * r / k)
-    st[5, i] += k * mu
+@_jit_sum
+def _col_sums(x, lo, hi, s, four):
+    """``s[j] = sum x[lo:hi, j]`` in float64, four rows a sweep when ``four`` (see
+    :func:`_col_shifted`)."""
+    s[:] = 0.0
+    a = lo
+    while four and a + 4 <= hi:
+        for j in range(x.shape[1]):
+            s[j] += (np.float64(x[a, j]) + np.float64(x[a + 1, j])) + (
+                np.float64(x[a + 2, j]) + np.float64(x[a + 3, j])
+            )
+        a += 4
+    for i in range(a, hi):
+        for j in range(x.shape[1]):
+            s[j] += x[i, j]
 
 
 @_jit
 def _add(st, row, i, v):
-    """``st[row, i] += v`` with Neumaier's compensation kept in ``st[row + 4, i]``.
+    """``st[row, i] += v`` with Neumaier's compensation kept in ``st[row + 2, i]``.
 
-    Many blocks add onto one large sum (one block far from the others, say):
+    Many blocks add onto one sum (one far larger than the others, say):
     compensated, the sum's own roundings stay below one ulp of it.
     """
     s = st[row, i]
     t = s + v
     if abs(s) >= abs(v):
-        st[row + 4, i] += (s - t) + v
+        st[row + 2, i] += (s - t) + v
     else:
-        st[row + 4, i] += (v - t) + s
+        st[row + 2, i] += (v - t) + s
     st[row, i] = t
 
 
 @_jit
-def _single_block_moments(x, four):
-    """``(mean, M2)`` per column of ``x`` as one block: the corrected two-pass, no pivot."""
-    na, nk = x.shape
-    mu, q, r = np.empty(nk), np.empty(nk), np.empty(nk)
-    _col_sums(x, 0, na, mu, four)
-    mu /= na
-    _col_deviations(x, 0, na, mu, q, r)
-    mean, m2 = np.empty(nk), np.empty(nk)
-    for j in range(nk):
-        total = na * mu[j]
-        mean[j] = mu[j] + r[j] / na if abs(total) < np.inf else total / na  # Inf/NaN: plain mean
-        m2[j] = q[j] - r[j] * r[j] / na
-    return mean, m2
+def _compensated(s, c):
+    """A compensated sum's value; an infinite sum stays (its compensation is NaN)."""
+    return s + c if abs(s) < np.inf else s
 
 
 @_jit
 def _finish(st):
-    """``(mean, M2, far)`` of the entries of ``st`` (zeros for an entry without elements).
+    """``(mean, M2, far)`` of the entries of a moments state (zeros without elements).
 
-    ``far``: some entry's pivot was far from its mean (``P > _FAR * M2``).
+    ``st`` rows: count ``n``, pivot ``K``, ``T = sum (x - K)``, ``P = sum (x - K)^2``
+    and the compensations of ``T`` and ``P`` (:func:`_add`). ``mean = K + T / n``
+    and ``M2 = P - T^2 / n``; the subtraction costs about ``u P / M2`` relative,
+    so ``far`` says that some entry's pivot was far from its mean
+    (``P > _FAR * M2``, a pivot beyond about a standard deviation).
     """
     size = st.shape[1]
     mean, m2 = np.zeros(size), np.zeros(size)
@@ -246,131 +249,148 @@ def _finish(st):
     for i in range(size):
         n = st[0, i]
         if n > 0:
-            t, p = st[2, i] + st[6, i], st[3, i] + st[7, i]
-            between = p - t * t / n
-            if between < 0:  # rounding; a NaN stays
-                between = 0.0
-            mean[i] = st[1, i] + t / n
-            if not np.isfinite(st[5, i]):  # Inf/NaN in the data: the plain mean
-                mean[i] = st[5, i] / n
-            m2[i] = (st[4, i] + st[8, i]) + between
+            t, p = _compensated(st[2, i], st[4, i]), _compensated(st[3, i], st[5, i])
+            mean[i] = st[1, i] + t / n  # Inf/NaN in the data: Inf/NaN
+            v = p - t * t / n
+            m2[i] = 0.0 if v < 0 else v  # rounding; a NaN stays
             far = far or p > _FAR * m2[i]
     return mean, m2, far
 
 
 @_jit_sum
 def _moments_rows(x, mask, block, pivot):
-    """Two-pass moments of each in-cache chunk of each row, combined per channel about ``pivot``."""
+    """Sums about ``pivot`` along each row chunk of ``block`` elements, added per channel."""
     na, nc, nb = x.shape
-    st = np.zeros((9, nc))
+    st = np.zeros((6, nc))
     st[1, :] = pivot
     for a in range(na):
         for c in range(nc):
             for lo in range(0, nb, block):
                 if mask is None:
-                    k, mu, q, r = _segment(x[a, c, lo : lo + block])
+                    k, t, p = _shifted(x[a, c, lo : lo + block], pivot[c])
                 else:
-                    k, mu, q, r = _segment_masked(
-                        x[a, c, lo : lo + block], mask[a, 0, lo : lo + block]
+                    k, t, p = _shifted_masked(
+                        x[a, c, lo : lo + block], mask[a, 0, lo : lo + block], pivot[c]
                     )
-                if k > 0:
-                    _combine(st, c, k, mu, q, r)
+                st[0, c] += k
+                _add(st, 2, c, t)
+                _add(st, 3, c, p)
     return _finish(st)
 
 
 @_jit_sum
-def _segment(v):
-    """``(count, mean, sum (v - mean)^2, sum (v - mean))`` of a 1-D chunk (two passes).
+def _shifted(v, pivot):
+    """``(count, sum (v - pivot), sum (v - pivot)^2)`` of a 1-D chunk.
 
     (A loop over a 1-D slice vectorizes; the same loop inlined with chunk bounds did not.)
     """
-    s = 0.0
+    t, p = 0.0, 0.0
     for j in range(v.size):
-        s += v[j]
-    mu = s / v.size
-    q, r = 0.0, 0.0
-    for j in range(v.size):
-        d = v[j] - mu
-        q += d * d
-        r += d
-    return v.size, mu, q, r
+        d = v[j] - pivot
+        t += d
+        p += d * d
+    return v.size, t, p
 
 
 @_jit_sum
-def _segment_masked(v, valid):
-    """:func:`_segment` over the positions where ``valid`` is true (M2 0 when there are none)."""
-    s, k = 0.0, 0
+def _shifted_masked(v, valid, pivot):
+    """:func:`_shifted` over the positions where ``valid`` is true."""
+    t, p, k = 0.0, 0.0, 0
     for j in range(v.size):
         if valid[j]:
-            s += v[j]
+            d = v[j] - pivot
+            t += d
+            p += d * d
             k += 1
-    mu = s / max(k, 1)
-    q, r = 0.0, 0.0
-    for j in range(v.size):
-        if valid[j]:
-            d = v[j] - mu
-            q += d * d
-            r += d
-    return k, mu, q, r
+    return k, t, p
 
 
 @_jit_sum
 def _moments_cols(x, mask, rows, nb, four, pivot):
-    """Two-pass moments of blocks of ``rows`` rows per column, combined about the
-    channel's ``pivot``; the columns' sums are then added per channel.
+    """Sums about the channel's ``pivot`` down blocks of ``rows`` rows per column of
+    ``(A, C*B)``, added per column, then per channel.
 
-    The second pass reads the block from cache: four rows a sweep; the first
-    too when ``four`` (all of ``x`` is in cache).
+    Blocks keep each column's chain of roundings short; four rows a sweep when
+    ``four`` (``x`` in cache).
     """
     na, nk = x.shape
-    s, q, r, k = np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk)
-    st = np.zeros((9, nk))
-    st[1, :] = _widen(pivot, nb)
+    kp = _widen(pivot, nb)
+    st = np.zeros((6, nk))
+    st[1, :] = kp
+    t, p, k = np.empty(nk), np.empty(nk), np.empty(nk)
     for lo in range(0, na, rows):
         hi = min(lo + rows, na)
         if mask is None:
+            _col_shifted(x, lo, hi, kp, t, p, four)
             k[:] = hi - lo
-            _col_sums(x, lo, hi, s, four)
         else:
-            s[:] = 0.0
+            t[:] = 0.0
+            p[:] = 0.0
             k[:] = 0.0
             for a in range(lo, hi):
                 for j in range(nk):
                     if mask[a, j]:
-                        s[j] += x[a, j]
+                        d = x[a, j] - kp[j]
+                        t[j] += d
+                        p[j] += d * d
                         k[j] += 1.0
         for j in range(nk):
-            s[j] = s[j] / k[j] if k[j] > 0 else 0.0
-        if mask is None:
-            _col_deviations(x, lo, hi, s, q, r)
-        else:
-            q[:] = 0.0
-            r[:] = 0.0
-            for a in range(lo, hi):
-                for j in range(nk):
-                    if mask[a, j]:
-                        d = x[a, j] - s[j]
-                        q[j] += d * d
-                        r[j] += d
-        for j in range(nk):
-            if k[j] > 0:
-                _combine(st, j, k[j], s[j], q[j], r[j])
+            st[0, j] += k[j]
+            _add(st, 2, j, t[j])
+            _add(st, 3, j, p[j])
     if nb == 1:
         return _finish(st)
-    channels = np.zeros((9, nk // nb))
+    channels = np.zeros((6, nk // nb))
     channels[1, :] = pivot  # every column of a channel has the channel's pivot: sums add
-    for j in range(nk):
-        channels[0, j // nb] += st[0, j]
-        channels[5, j // nb] += st[5, j]
-        for row in (2, 3, 4):
-            _add(channels, row, j // nb, st[row, j])
-            channels[row + 4, j // nb] += st[row + 4, j]
+    for c in range(nk // nb):
+        for j in range(c * nb, (c + 1) * nb):  # (no j // nb: an integer division each)
+            channels[0, c] += st[0, j]
+            for row in (2, 3):
+                _add(channels, row, c, st[row, j])
+                channels[row + 2, c] += st[row + 2, j]
     return _finish(channels)
+
+
+@_jit_sum
+def _col_shifted(x, lo, hi, kp, t, p, four):
+    """``t[j] = sum (x[lo:hi, j] - kp[j])`` and ``p[j] = sum (x[lo:hi, j] - kp[j])^2``.
+
+    Four rows a sweep when ``four``: in cache, a sweep per row is bound by the
+    loads and stores of ``t`` and ``p``.
+    """
+    t[:] = 0.0
+    p[:] = 0.0
+    a = lo
+    while four and a + 4 <= hi:
+        for j in range(x.shape[1]):
+            m = kp[j]
+            d0, d1, d2, d3 = x[a, j] - m, x[a + 1, j] - m, x[a + 2, j] - m, x[a + 3, j] - m
+            t[j] += (d0 + d1) + (d2 + d3)
+            p[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        a += 4
+    _add_shifted_rows(x, a, hi, kp, t, p)
+
+
+@_jit_sum
+def _add_shifted_rows(x, lo, hi, kp, t, p):
+    """:func:`_col_shifted`'s sums, a sweep per row.
+
+    A function of its own: the same loop after the four-row sweeps read ``x``
+    from memory at two thirds of the speed (float64).
+    """
+    for i in range(lo, hi):
+        for j in range(x.shape[1]):
+            d = x[i, j] - kp[j]
+            t[j] += d
+            p[j] += d * d
 
 
 @_jit
 def _sample_mean_rows(x, mask):
-    """Per channel, the mean of up to ``_SAMPLE`` valid values spread over ``(A, B)`` (0 if none)."""
+    """Per channel, the mean of up to ``_SAMPLE`` valid values spread over ``(A, B)``.
+
+    0 where there is none or the mean is not finite (Inf/NaN in the sample).
+    """
     na, nc, nb = x.shape
     step = max(1, (na * nb) // _SAMPLE)
     out = np.zeros(nc)
@@ -381,74 +401,32 @@ def _sample_mean_rows(x, mask):
             if mask is None or mask[a, 0, j]:
                 s += x[a, c, j]
                 k += 1
-        out[c] = s / max(k, 1)
+        m = s / max(k, 1)
+        out[c] = m if abs(m) < np.inf else 0.0
     return out
 
 
 @_jit
 def _sample_mean_cols(x, mask, nb):
-    """Per channel of ``(A, C*B)``, the mean of its valid values in up to ``_SAMPLE`` spread rows."""
+    """Per channel of ``(A, C*B)``, the mean of its valid values in up to ``_SAMPLE``
+    spread rows (0 where there is none or it is not finite)."""
     na, nk = x.shape
     step = max(1, na // _SAMPLE)
-    s, k = np.zeros(nk // nb), np.zeros(nk // nb)
+    cs, ck = np.zeros(nk), np.zeros(nk)  # per column first: a loop that vectorizes
     for a in range(0, na, step):
         for j in range(nk):
             if mask is None or mask[a, j]:
-                s[j // nb] += x[a, j]
-                k[j // nb] += 1.0
+                cs[j] += x[a, j]
+                ck[j] += 1.0
+    s = np.zeros(nk // nb)
     for c in range(s.size):
-        s[c] /= max(k[c], 1.0)
+        total, k = 0.0, 0.0
+        for j in range(c * nb, (c + 1) * nb):
+            total += cs[j]
+            k += ck[j]
+        m = total / max(k, 1.0)
+        s[c] = m if abs(m) < np.inf else 0.0
     return s
-
-
-@_jit_sum
-def _col_sums(x, lo, hi, s, four):
-    """``s[j] = sum x[lo:hi, j]`` in float64, four rows a sweep of ``s`` when ``four``.
-
-    Four rows a sweep load and store ``s[j]`` once per four elements (a sweep
-    per row is bound by those stores when ``x`` is in cache).
-    """
-    s[:] = 0.0
-    a = lo
-    while four and a + 4 <= hi:
-        for j in range(x.shape[1]):
-            s[j] += (np.float64(x[a, j]) + np.float64(x[a + 1, j])) + (
-                np.float64(x[a + 2, j]) + np.float64(x[a + 3, j])
-            )
-        a += 4
-    _add_rows(x, a, hi, s)
-
-
-@_jit_sum
-def _add_rows(x, lo, hi, s):
-    """``s[j] += sum x[lo:hi, j]``, a sweep per row.
-
-    A function of its own: the same loop after the four-row sweeps in
-    :func:`_col_sums` read x from memory at two thirds of the speed (float64).
-    """
-    for i in range(lo, hi):
-        for j in range(x.shape[1]):
-            s[j] += x[i, j]
-
-
-@_jit_sum
-def _col_deviations(x, lo, hi, mu, q, r):
-    """``q[j] = sum (x[lo:hi, j] - mu[j])^2`` and ``r[j] = sum (x[lo:hi, j] - mu[j])``, four rows a sweep."""
-    q[:] = 0.0
-    r[:] = 0.0
-    a = lo
-    while a + 4 <= hi:
-        for j in range(x.shape[1]):
-            m = mu[j]
-            d0, d1, d2, d3 = x[a, j] - m, x[a + 1, j] - m, x[a + 2, j] - m, x[a + 3, j] - m
-            q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            r[j] += (d0 + d1) + (d2 + d3)
-        a += 4
-    for i in range(a, hi):
-        for j in range(x.shape[1]):
-            d = x[i, j] - mu[j]
-            q[j] += d * d
-            r[j] += d
 
 
 @_jit_sum
@@ -506,9 +484,10 @@ def _add_grad_rows(dy, x, m, lo, hi, sa, sb):
 def _fold(u, v, nb):
     """Per-channel sums of ``u`` and ``v`` over each channel's ``nb`` consecutive columns, in order."""
     fu, fv = np.zeros(u.size // nb), np.zeros(v.size // nb)
-    for j in range(u.size):
-        fu[j // nb] += u[j]
-        fv[j // nb] += v[j]
+    for c in range(fu.size):
+        for j in range(c * nb, (c + 1) * nb):
+            fu[c] += u[j]
+            fv[c] += v[j]
     return fu, fv
 
 
