@@ -268,9 +268,10 @@ def forward(
             var, pow2 = astype(running_var, xp.float64, xp), None
             m, omega = kern.count(x3, mask3, xp=xp), 0.0
             new_rm, new_rv = running_mean, running_var
-        if pow2 is None:
-            kx3, kmean, invstd = x3, mean, 1.0 / xp.sqrt(var + eps)
-            kinvstd = invstd
+        if pow2 is None:  # weight * invstd is also backward's factor of dy
+            kx3, kmean = x3, mean
+            invstd, scale, shift = kern.scales(var, eps, weight, bias, xp=xp)
+            kinvstd, k_dy = invstd, scale
         else:  # x / 2^E, mean / 2^E, invstd * 2^E: exact power-of-two scaling
             kx3 = astype(x3, xp.float64, xp) / reshape(pow2, (1, -1, 1), xp)
             kmean = mean / pow2
@@ -278,11 +279,9 @@ def forward(
             invstd = xp.where(xp.isfinite(var), 1.0 / xp.sqrt(var + eps), kinvstd / pow2)
             if eps > 0:  # var_s = 0: x - mean is 0 (M2 = 0), keep 0 * kinvstd finite
                 kinvstd = xp.minimum(kinvstd, xp.full_like(kinvstd, np.finfo(np.float64).max))
-        w64 = None if weight is None else astype(weight, xp.float64, xp)
-        scale = kinvstd if w64 is None else kinvstd * w64
-        # backward's weight * invstd: the scale itself unless the kernels see scaled data
-        k_dy = scale if kinvstd is invstd else invstd if w64 is None else w64 * invstd
-    shift = xp.zeros_like(mean) if bias is None else astype(bias, xp.float64, xp)
+            w64 = None if weight is None else astype(weight, xp.float64, xp)
+            scale, k_dy = (kinvstd, invstd) if w64 is None else (kinvstd * w64, w64 * invstd)
+            shift = xp.zeros_like(mean) if bias is None else astype(bias, xp.float64, xp)
     y3 = kern.normalize(kx3, kmean, scale, shift, xp=xp, dtype=x.dtype)
     saved = Saved(
         kx3,
@@ -364,7 +363,7 @@ def backward(dy, saved: Saved, *, param_grads=None):
             total = s.comm.combine(xp.stack([a, b]), ordered_sum, xp=xp)
             a_sum, b_sum = total[0, :], total[1, :]
         if s.training:  # x_hat * B = (x3 - kmean) * kinvstd * B
-            k_x, k_0 = s.k_dy * (s.kinvstd * b_sum * s.omega), s.k_dy * a_sum * s.omega
+            k_x, k_0 = s.kernels.coefficients(s.k_dy, s.kinvstd, a_sum, b_sum, s.omega, xp=xp)
         else:
             k_x = k_0 = xp.zeros_like(s.k_dy)
     dx3 = s.kernels.grad_input(dy3, s.x3, s.kmean, s.k_dy, k_x, k_0, s.mask3, xp=xp, dtype=s.dtype)

@@ -296,7 +296,16 @@ class TestSelection:
         for name in kernels.available():
             mod = importlib.import_module(f"refsyncbn.kernels._{name}")
             assert mod.NAME == name
-            for fn in ("supports", "count", "moments", "normalize", "grad_sums", "grad_input"):
+            for fn in (
+                "supports",
+                "count",
+                "moments",
+                "normalize",
+                "grad_sums",
+                "grad_input",
+                "scales",
+                "coefficients",
+            ):
                 assert callable(getattr(mod, fn)), (name, fn)
         assert "numpy" in kernels.available()
 

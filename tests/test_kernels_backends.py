@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -450,6 +451,48 @@ def test_backends_agree(other, shape, dtype, variant):
         assert (np.abs(v0[fin] - v1[fin]) <= tol * big).all()
     _assert_within_one_ulp(y0, y1)
     _assert_within_one_ulp(dx0, dx1)
+
+
+def _channel_vectors():
+    """Per-channel float64 vectors with the awkward values: 0, tiny, huge, Inf, NaN."""
+    rng = np.random.default_rng(11)
+    v = np.abs(rng.standard_normal(12)) * 10.0 ** rng.integers(-8, 8, 12)
+    v[:5] = [0.0, 1e-300, 1e300, np.inf, np.nan]
+    return v
+
+
+@pytest.mark.parametrize("backend", [NUMBA, CUPY])
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+@pytest.mark.parametrize("wdtype", [None, np.float32, np.float64, np.float16])
+def test_scales_are_bitwise_those_of_plain_numpy(backend, eps, wdtype):
+    """Each operation rounded as NumPy rounds it: the same bytes on every backend,
+    with the 1 / 0 = inf of IEEE arithmetic (no error, no warning)."""
+    var = _channel_vectors()
+    rng = np.random.default_rng(12)
+    weight = bias = None
+    if wdtype is not None:
+        weight = rng.standard_normal(var.size).astype(wdtype)
+        bias = rng.standard_normal(var.size).astype(wdtype)
+    with np.errstate(all="ignore"):
+        invstd = 1.0 / np.sqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.astype(np.float64)
+        shift = np.zeros(var.size) if bias is None else bias.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _backend(backend).scales(var, eps, weight, bias, xp=np)
+    for g, e in zip(got, (invstd, scale, shift), strict=True):
+        assert g.dtype == np.float64 and g.tobytes() == e.tobytes()
+
+
+@pytest.mark.parametrize("backend", [NUMBA, CUPY])
+def test_coefficients_are_bitwise_those_of_plain_numpy(backend):
+    v = _channel_vectors()
+    k_dy, kinvstd, a, b = v, v[::-1].copy(), np.roll(v, 3), -np.roll(v, 5)
+    with np.errstate(all="ignore"):
+        expected = (k_dy * (kinvstd * b * 0.1), k_dy * a * 0.1)
+    got = _backend(backend).coefficients(k_dy, kinvstd, a, b, 0.1, xp=np)
+    for g, e in zip(got, expected, strict=True):
+        assert g.tobytes() == e.tobytes()
 
 
 def test_one_ulp_check_rejects_two_ulps():

@@ -30,6 +30,16 @@ off), which spares the operating system's zeroing of freshly mapped pages.
 ``grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype) -> dx3``
     ``k_dy * dy - valid * (k_x * (x - mean) + k_0)`` (``valid`` = 1 without a
     mask).
+``scales(var, eps, weight, bias, *, xp) -> (invstd, scale, shift)``
+    Per channel, ``invstd = 1 / sqrt(var + eps)``, ``scale = invstd * weight``
+    and ``shift = bias``, float64 (``weight``/``bias`` None: 1 and 0).
+``coefficients(k_dy, kinvstd, a, b, omega, *, xp) -> (k_x, k_0)``
+    Per channel, ``k_x = k_dy * (kinvstd * b * omega)`` and
+    ``k_0 = k_dy * a * omega`` (``omega`` a float): the factors of ``grad_input``.
+
+The per-channel functions round every operation as the generic code does, in
+the same order, so every backend gives the same bytes; the fused backends
+compile them only to spare a call per NumPy operation.
 
 Selection (:func:`select`): the ``backend=`` keyword of ``forward``, else the
 ``REFSYNCBN_BACKEND`` environment variable, else automatic: CuPy

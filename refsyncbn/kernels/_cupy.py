@@ -21,7 +21,19 @@ from __future__ import annotations
 
 import cupy as cp
 
-__all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "supports"]
+from ._numpy import coefficients, scales  # per-channel: generic array-API code
+
+__all__ = [
+    "NAME",
+    "coefficients",
+    "count",
+    "grad_input",
+    "grad_sums",
+    "moments",
+    "normalize",
+    "scales",
+    "supports",
+]
 
 NAME = "cupy"
 _OPTIONS = ("--fmad=false",)

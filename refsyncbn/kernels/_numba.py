@@ -39,7 +39,17 @@ import numpy as np
 
 from . import _pool
 
-__all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "supports"]
+__all__ = [
+    "NAME",
+    "coefficients",
+    "count",
+    "grad_input",
+    "grad_sums",
+    "moments",
+    "normalize",
+    "scales",
+    "supports",
+]
 
 NAME = "numba"
 
@@ -56,6 +66,7 @@ _L2_BYTES = 1 << 20
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _jit = numba.njit(cache=True, nogil=True)
+_jit_ieee = numba.njit(cache=True, nogil=True, error_model="numpy")  # 1 / 0 is inf, not an error
 _jit_sum = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 
 
@@ -152,9 +163,20 @@ def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
     return out
 
 
-def _operand(dy3):
-    """``dy3`` as these loops take it: a dy of another float dtype (float16) converted exactly."""
-    return dy3 if dy3.dtype in _DTYPES else np.asarray(dy3, dtype=np.float64)
+def scales(var, eps, weight, bias, *, xp):
+    """``(1 / sqrt(var + eps), invstd * weight, bias)`` per channel, float64 (one call)."""
+    return _scales(var, float(eps), _operand(weight), _operand(bias))
+
+
+def coefficients(k_dy, kinvstd, a, b, omega, *, xp):
+    """``(k_dy * (kinvstd * b * omega), k_dy * a * omega)`` per channel (one call)."""
+    return _coefficients(k_dy, kinvstd, a, b, float(omega))
+
+
+def _operand(v):
+    """``v`` (dy, weight, bias) as these loops take it: another float dtype (float16)
+    converted exactly to float64; None stays."""
+    return v if v is None or v.dtype in _DTYPES else np.asarray(v, dtype=np.float64)
 
 
 def _matrix(v3):
@@ -176,6 +198,30 @@ def _matrix_mask(mask3, shape):
 
 
 # --- compiled loops ----------------------------------------------------------------------
+
+
+@_jit_ieee
+def _scales(var, eps, weight, bias):
+    """:func:`scales`, each operation rounded as NumPy rounds it."""
+    n = var.size
+    invstd, scale, shift = np.empty(n), np.empty(n), np.zeros(n)
+    for i in range(n):
+        invstd[i] = 1.0 / np.sqrt(var[i] + eps)
+        scale[i] = invstd[i] if weight is None else invstd[i] * np.float64(weight[i])
+        if bias is not None:
+            shift[i] = bias[i]
+    return invstd, scale, shift
+
+
+@_jit_ieee
+def _coefficients(k_dy, kinvstd, a, b, omega):
+    """:func:`coefficients`, each operation rounded as NumPy rounds it."""
+    n = k_dy.size
+    k_x, k_0 = np.empty(n), np.empty(n)
+    for i in range(n):
+        k_x[i] = k_dy[i] * (kinvstd[i] * b[i] * omega)
+        k_0[i] = k_dy[i] * a[i] * omega
+    return k_x, k_0
 
 
 @_jit

@@ -19,7 +19,17 @@ import numpy as np
 
 from . import _pool
 
-__all__ = ["NAME", "count", "grad_input", "grad_sums", "moments", "normalize", "supports"]
+__all__ = [
+    "NAME",
+    "coefficients",
+    "count",
+    "grad_input",
+    "grad_sums",
+    "moments",
+    "normalize",
+    "scales",
+    "supports",
+]
 
 NAME = "numpy"
 _BLOCK = 1 << 16  # elements per tile of a NumPy array (512 KiB in float64)
@@ -96,6 +106,19 @@ def grad_input(dy3, x3, mean, k_dy, k_x, k_0, mask3, *, xp, dtype):
         return xp.astype(_f64(dy3[ta, :, tb], xp=xp) * k_dy - corr, dtype)
 
     return _tiled(tile, x3, dtype, xp=xp)
+
+
+def scales(var, eps, weight, bias, *, xp):
+    """``(1 / sqrt(var + eps), invstd * weight, bias)`` per channel, float64."""
+    invstd = 1.0 / xp.sqrt(var + eps)
+    scale = invstd if weight is None else invstd * xp.astype(weight, xp.float64)
+    shift = xp.zeros_like(var) if bias is None else xp.astype(bias, xp.float64)
+    return invstd, scale, shift
+
+
+def coefficients(k_dy, kinvstd, a, b, omega, *, xp):
+    """``(k_dy * (kinvstd * b * omega), k_dy * a * omega)`` per channel."""
+    return k_dy * (kinvstd * b * omega), k_dy * a * omega
 
 
 def _col(v, *, xp):
