@@ -188,7 +188,8 @@ def forward(
     std)`` of exact, lower-precision ``y`` correctly rounded, finite ``x`` of
     any magnitude handled by exact power-of-two scaling (the running variance
     is ``inf`` when the true one exceeds float64; ``weight / sqrt(var + eps)``
-    must stay within float64, see ``docs/numerics.md``). New running statistics: ``r = r * (1 - w) + batch * w`` with
+    must stay within float64, see ``docs/numerics.md``). New running
+    statistics: ``r = r * (1 - w) + batch * w`` with
     ``w = momentum`` (``update``) or ``1 - momentum`` (``retain``); the batch
     variance fed to it is biased or unbiased as the convention says. With
     ``eps=0`` a channel whose variance is exactly 0 gives NaN (0 * inf), as in
