@@ -13,8 +13,8 @@ and the condition ``kappa = |mean| / sigma``:
 the ``naive`` emulation (``E[x^2] - E[x]^2``, error ``~ u kappa^2``) breaks
 it from ``kappa = 1e4``, and the reference itself comes within a factor 8 of
 it somewhere in a fixed sweep (so a bound 10x looser would be noticed). The
-measured worst case over 150 random float64 cases is 1.7 u (1 + kappa) S
-(``y``, ``dx``, ``dweight``).
+measured worst case over 150 random float64 cases is 2.0 u (1 + kappa) S
+(``y``; an independent audit, docs/numerics.md).
 """
 
 from __future__ import annotations
