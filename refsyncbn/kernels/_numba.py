@@ -358,7 +358,7 @@ def _moments_cols(x, mask, rows, nb, four, pivot):
     ``(A, C*B)``, added per column, then per channel.
 
     Blocks keep each column's chain of roundings short; four rows a sweep when
-    ``four`` (``x`` in cache).
+    ``four`` (``x`` in cache, or float32).
     """
     na, nk = x.shape
     kp = _widen(pivot, nb)
@@ -519,7 +519,7 @@ def _grad_sums_cols(dy, x, mean, nb, four):
 
 @_jit_sum
 def _add_grad_rows(dy, x, m, lo, hi, sa, sb):
-    """``sa[j] += sum dy[lo:hi, j]``, ``sb[j] += sum dy * (x - m)[lo:hi, j]``, a sweep per row (see :func:`_add_rows`)."""
+    """``sa[j] += sum dy[lo:hi, j]``, ``sb[j] += sum dy * (x - m)[lo:hi, j]``, a sweep per row (see :func:`_add_shifted_rows`)."""
     for i in range(lo, hi):
         for j in range(x.shape[1]):
             g = np.float64(dy[i, j])
